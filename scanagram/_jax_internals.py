@@ -1,0 +1,28 @@
+"""The only module that touches ``jax._src``.
+
+Why: JAX's public API has no way to ask an equation *where in the user's code*
+it was made, nor to give a new primitive a lowering and transformation rules.
+Both are small, stable corners of JAX; keeping them here means a JAX upgrade
+that moves them breaks one file.
+"""
+from jax._src import source_info_util
+from jax._src.lax.lax import split_p  # jnp.split's primitive; not re-exported
+from jax.interpreters import ad, batching, mlir
+
+
+def user_source_line(source_info) -> str:
+  """``file:line (function)`` of the user code that made an equation."""
+  frame = source_info_util.user_frame(getattr(source_info, "traceback", None))
+  if frame is None:
+    return "<unknown location>"
+  return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+
+
+def name_stack(source_info) -> str:
+  """The transformation/module name stack (Haiku module names live here)."""
+  stack = getattr(source_info, "name_stack", None)
+  return str(stack) if stack is not None else ""
+
+
+__all__ = ["user_source_line", "name_stack", "split_p", "ad", "batching",
+           "mlir"]

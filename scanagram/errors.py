@@ -1,0 +1,19 @@
+"""The one error scanagram raises when a function cannot be converted."""
+from scanagram import _jax_internals
+
+
+class ScanConversionError(Exception):
+  """A function cannot be turned into a step: an operation is not causal along
+  the scanned axis, or scanagram has no rule for it.
+
+  The message names the primitive, says why, and gives the user's source line.
+  """
+
+
+def refusal(eqn, why: str) -> ScanConversionError:
+  """A ScanConversionError for ``eqn`` (a jaxpr equation) with reason ``why``."""
+  where = _jax_internals.user_source_line(eqn.source_info)
+  stack = _jax_internals.name_stack(eqn.source_info)
+  module = f" in {stack}" if stack else ""
+  return ScanConversionError(
+      f"cannot convert `{eqn.primitive.name}` at {where}{module}: {why}")

@@ -1,0 +1,42 @@
+"""Call-like primitives: ``jit``, ``closed_call``, ``custom_jvp_call``,
+``custom_vjp_call`` and ``remat`` (checkpoint).
+
+Causal when their body is: the body is converted with the same kinds and
+runs inline in prefill and step (its state nests under the equation's name).
+Custom derivative rules do not survive the conversion: the step
+differentiates the body's primal operations.
+"""
+from jax.extend import core as jex_core
+from jax.extend.core import primitives as P
+
+from scanagram.interpreter import Converted, register
+
+
+def _body(e):
+  for key in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
+    if key in e.params:
+      body = e.params[key]
+      if isinstance(body, jex_core.Jaxpr):  # remat keeps an open jaxpr
+        body = jex_core.ClosedJaxpr(body, ())
+      return body
+  raise e.refuse("cannot find the body of this call")
+
+
+def convert_call(e, body, in_kinds=None, in_known=None) -> Converted:
+  """Converts a call to ``body`` (a ClosedJaxpr) made by equation ``e``."""
+  sub = e.convert(body, e.in_kinds if in_kinds is None else in_kinds,
+                  e.known_thunks() if in_known is None else in_known)
+
+  def prefill(ctx, ins):
+    return sub.prefill(ctx, ins)
+
+  def step(ctx, state, ins):
+    return sub.step(ctx, state, ins)
+  return Converted(sub.out_kinds, prefill, step, sub.stateful)
+
+
+@register(P.jit_p, P.closed_call_p, P.custom_jvp_call_p, P.custom_vjp_call_p,
+          P.remat_p, P.call_p)
+def call_rule(e):
+  """Causal when the called function is."""
+  return convert_call(e, _body(e))

@@ -1,0 +1,115 @@
+"""Building blocks shared by the rule families.
+
+``pointwise`` covers every primitive that acts independently at each time
+position: it runs the primitive itself on the current block (the prompt in
+prefill, a size-1 slice in the step), so the rule never spells out parameters
+it does not interpret. ``DelayLine`` lines up values that run ahead.
+"""
+from typing import Callable, Optional, Sequence
+
+from jax import lax
+import jax.numpy as jnp
+
+from scanagram.interpreter import Converted, bind, time_block
+from scanagram.kinds import UNSCANNED, Scanned, is_scanned
+
+
+def scanned_operands(e):
+  return [i for i, k in enumerate(e.in_kinds) if is_scanned(k)]
+
+
+def only_scanned(e, why_not: str):
+  """Refuses unless every non-unscanned input is a plain Scanned kind."""
+  for k in e.in_kinds:
+    if k is not UNSCANNED and not is_scanned(k):
+      raise e.refuse(why_not)
+
+
+class DelayLine:
+  """Delays a scanned value by ``delay`` elements (from ``ahead + delay`` down
+  to ``ahead``): its state is the ``delay`` elements computed but not yet due.
+  """
+
+  def __init__(self, axis: int, size: int, ahead: int, delay: int):
+    self.axis, self.size, self.ahead, self.delay = axis, size, ahead, delay
+
+  def prefill(self, ctx, x):
+    _, n = ctx.block(self.size, self.ahead)
+    due = lax.slice_in_dim(x, 0, n, axis=self.axis)
+    pending = lax.slice_in_dim(x, n, x.shape[self.axis], axis=self.axis)
+    missing = self.delay - pending.shape[self.axis]
+    if missing:  # past the end of the sequence: never reaches an output
+      widths = [(0, 0)] * x.ndim
+      widths[self.axis] = (0, missing)
+      pending = jnp.pad(pending, widths)
+    return pending, due
+
+  def step(self, queue, x):
+    joined = lax.concatenate([queue, x], self.axis)
+    return (lax.slice_in_dim(joined, 1, None, axis=self.axis),
+            lax.slice_in_dim(joined, 0, 1, axis=self.axis))
+
+
+def pointwise(e,
+              operand_axes: Sequence[Optional[int]],
+              out_axes: Sequence[int],
+              resize: Optional[Callable[[dict, int], dict]] = None,
+              run: Optional[Callable] = None) -> Converted:
+  """Converts an equation that is independent at each time position.
+
+  Args:
+    e: the equation.
+    operand_axes: for each operand, its axis that runs along time, or None
+      (for unscanned operands: a full-length operand such as a position table
+      is sliced to the current block along this axis).
+    out_axes: each output's time axis.
+    resize: ``resize(params, n)`` gives the params for a time extent of n, for
+      primitives whose params hold shapes.
+    run: ``run(ins, params) -> outs`` instead of binding the primitive.
+
+  Operands that run ahead by different amounts are delayed to the least.
+  """
+  scanned = [i for i, k in enumerate(e.in_kinds) if is_scanned(k)]
+  ahead = min(e.in_kinds[i].ahead for i in scanned)
+  lines = {
+      i: DelayLine(operand_axes[i], e.in_avals[i].shape[operand_axes[i]], ahead,
+                   e.in_kinds[i].ahead - ahead)
+      for i in scanned if e.in_kinds[i].ahead > ahead
+  }
+  out_size = e.out_avals[0].shape[out_axes[0]]
+  run = run or (lambda ins, params: bind(e.eqn, ins, params))
+
+  def apply(ctx, ins):
+    ins = list(ins)
+    for i, axis in enumerate(operand_axes):
+      if axis is not None and e.in_kinds[i] is UNSCANNED:
+        ins[i] = time_block(ctx, ins[i], axis, ahead)
+    params = e.params
+    if resize is not None:
+      params = resize(params, ctx.block(out_size, ahead)[1])
+    return run(ins, params)
+
+  out_kinds = tuple(Scanned(a, ahead) for a in out_axes)
+  if not lines:
+    return Converted(out_kinds, lambda ctx, ins: (None, apply(ctx, ins)),
+                     lambda ctx, state, ins: (state, apply(ctx, ins)), False)
+
+  def prefill(ctx, ins):
+    ins, queues = list(ins), {}
+    for i, line in lines.items():
+      queues[i], ins[i] = line.prefill(ctx, ins[i])
+    return queues, apply(ctx, ins)
+
+  def step(ctx, queues, ins):
+    ins, new = list(ins), {}
+    for i, line in lines.items():
+      new[i], ins[i] = line.step(queues[i], ins[i])
+    return new, apply(ctx, ins)
+
+  return Converted(out_kinds, prefill, step, True)
+
+
+def with_size(shape: Sequence[int], axis: int, n: int) -> tuple:
+  shape = list(shape)
+  shape[axis] = n
+  return tuple(shape)

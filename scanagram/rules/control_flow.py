@@ -1,0 +1,233 @@
+"""``scan``, ``while`` and ``cond``.
+
+* ``scan`` along the scanned axis (its xs scanned along their leading axis):
+  an RNN. Causal in the forward direction; its carry becomes the step's
+  state, its final carry is known only at the end of the sequence.
+* ``scan`` along another axis with the sequence in its carry, consts or xs
+  (a scan over layers, ``hk.layer_stack``): causal when the body is; each
+  iteration keeps its own state, stacked along a leading axis.
+* ``while`` whose loop condition does not depend on the sequence, with a
+  stateless body; ``cond`` whose branch index does not depend on it.
+"""
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jex_core
+from jax.extend.core import primitives as P
+
+from scanagram.interpreter import Converted, bind, register, time_block
+from scanagram.kinds import UNSCANNED, Scanned, WHOLE_SEQUENCE, is_scanned
+from scanagram.rules.common import DelayLine
+
+
+@register(P.scan_p)
+def scan_rule(e):
+  """Dispatches on whether the scan runs along the scanned axis."""
+  n_consts, n_carry = e.params["num_consts"], e.params["num_carry"]
+  xs_kinds = e.in_kinds[n_consts + n_carry:]
+  if any(is_scanned(k) and k.axis == 0 for k in xs_kinds):
+    return _scan_along_time(e)
+  return _scan_over_other_axis(e)
+
+
+def _scan_along_time(e):
+  """Causal when not reversed, with consts and initial carry unscanned and
+  every scanned xs scanned along the scan's axis 0."""
+  n_consts, n_carry = e.params["num_consts"], e.params["num_carry"]
+  kinds = e.in_kinds
+  if e.params["reverse"]:
+    raise e.refuse("scan runs in reverse along the scanned axis: element t "
+                   "would need the elements after it")
+  for i, k in enumerate(kinds[:n_consts + n_carry]):
+    if k is not UNSCANNED:
+      what = "a const" if i < n_consts else "its initial carry"
+      raise e.refuse(f"scan iterates along the scanned axis but {what} "
+                     "depends on the whole sequence")
+  xs = range(n_consts + n_carry, len(kinds))
+  for i in xs:
+    if kinds[i] is not UNSCANNED and not (is_scanned(kinds[i]) and
+                                          kinds[i].axis == 0):
+      raise e.refuse("scan iterates along the scanned axis but one of its xs "
+                     f"is scanned along its axis {kinds[i].axis}")
+  ahead = min(kinds[i].ahead for i in xs if is_scanned(kinds[i]))
+  lines = {i: DelayLine(0, e.in_avals[i].shape[0], ahead, kinds[i].ahead - ahead)
+           for i in xs if is_scanned(kinds[i]) and kinds[i].ahead > ahead}
+  body = e.params["jaxpr"]
+  length = e.params["length"]
+  out_kinds = ([WHOLE_SEQUENCE] * n_carry +
+               [Scanned(0, ahead)] * (len(e.out_avals) - n_carry))
+
+  def block(ctx, ins):
+    ins = list(ins)
+    for i in xs:
+      if kinds[i] is UNSCANNED:
+        ins[i] = time_block(ctx, ins[i], 0, ahead)
+    return ins
+
+  def prefill(ctx, ins):
+    ins, queues = list(ins), {}
+    for i, line in lines.items():
+      queues[i], ins[i] = line.prefill(ctx, ins[i])
+    ins = block(ctx, ins)
+    n = ctx.block(length, ahead)[1]
+    outs = bind(e.eqn, ins, dict(e.params, length=n))
+    return (outs[:n_carry], queues), outs
+
+  def step(ctx, state, ins):
+    carry, queues = state
+    ins, new_queues = list(ins), {}
+    for i, line in lines.items():
+      new_queues[i], ins[i] = line.step(queues[i], ins[i])
+    ins = block(ctx, ins)
+    x = [a[0] for a in ins[n_consts + n_carry:]]
+    outs = jex_core.jaxpr_as_fun(body)(*ins[:n_consts], *carry, *x)
+    carry, ys = outs[:n_carry], [y[None] for y in outs[n_carry:]]
+    return (carry, new_queues), list(carry) + ys
+  return Converted(out_kinds, prefill, step, True)
+
+
+def _body_fixed_point(e, in_kinds, carry_slice, convert_body):
+  """Converts a loop body, widening the carry's kinds until the kinds it
+  returns are the kinds it takes (a carry that starts unscanned may become
+  scanned after one iteration)."""
+  kinds = list(in_kinds)
+  for _ in range(len(kinds) + 1):
+    sub = convert_body(kinds)
+    carry_out = sub.out_kinds[:carry_slice.stop - carry_slice.start]
+    carry_in = kinds[carry_slice]
+    if list(carry_out) == list(carry_in):
+      return sub, kinds
+    for j, (k_in, k_out) in enumerate(zip(carry_in, carry_out)):
+      if k_in is UNSCANNED and k_out is not UNSCANNED:
+        kinds[carry_slice.start + j] = k_out
+      elif k_in != k_out:
+        raise e.refuse(
+            f"{e.primitive.name}'s carry {j} is {k_in} on entry and {k_out} "
+            "after one iteration (it shifts or moves the sequence each time)")
+  raise e.refuse("the kinds of its carry do not settle")
+
+
+def _scan_over_other_axis(e):
+  """A scan whose iterations each see the whole sequence (a scan over
+  layers): causal when its body is. Each iteration's state is stacked."""
+  n_consts, n_carry = e.params["num_consts"], e.params["num_carry"]
+  body = e.params["jaxpr"]
+  kinds = list(e.in_kinds)
+  body_kinds = kinds[:n_consts + n_carry] + [
+      k if k is UNSCANNED else Scanned(k.axis - 1, k.ahead)
+      for k in kinds[n_consts + n_carry:]]
+  known = e.known_thunks()
+  body_known = known[:n_consts] + [lambda: None] * (len(kinds) - n_consts)
+  sub, body_kinds = _body_fixed_point(
+      e, body_kinds, slice(n_consts, n_consts + n_carry),
+      lambda ks: e.convert(body, ks, body_known))
+  kinds[n_consts:n_consts + n_carry] = body_kinds[n_consts:n_consts + n_carry]
+  out_kinds = list(sub.out_kinds[:n_carry]) + [
+      k if k is UNSCANNED else Scanned(k.axis + 1, k.ahead)
+      for k in sub.out_kinds[n_carry:]]
+  reverse = e.params["reverse"]
+
+  def split(ins):
+    return (ins[:n_consts], ins[n_consts:n_consts + n_carry],
+            ins[n_consts + n_carry:])
+
+  def prefill(ctx, ins):
+    consts, carry, xs = split(ins)
+
+    def iteration(carry, x):
+      state, outs = sub.prefill(ctx, list(consts) + list(carry) + list(x))
+      return outs[:n_carry], (outs[n_carry:], state)
+    carry, (ys, states) = lax.scan(iteration, list(carry), list(xs),
+                                   length=e.params["length"], reverse=reverse)
+    return states, list(carry) + list(ys)
+
+  def step(ctx, states, ins):
+    consts, carry, xs = split(ins)
+
+    def iteration(carry, x_state):
+      x, state = x_state
+      state, outs = sub.step(ctx, state, list(consts) + list(carry) + list(x))
+      return outs[:n_carry], (outs[n_carry:], state)
+    carry, (ys, states) = lax.scan(iteration, list(carry), (list(xs), states),
+                                   length=e.params["length"], reverse=reverse)
+    return states, list(carry) + list(ys)
+  return Converted(out_kinds, prefill, step, sub.stateful)
+
+
+@register(P.while_p)
+def while_rule(e):
+  """Causal when the loop condition does not depend on the sequence (every
+  position runs the same iterations) and the body keeps no state."""
+  cond, body = e.params["cond_jaxpr"], e.params["body_jaxpr"]
+  nc, nb = e.params["cond_nconsts"], e.params["body_nconsts"]
+  kinds = list(e.in_kinds)
+  n_carry = len(kinds) - nc - nb
+  known = e.known_thunks()
+  body_kinds = kinds[nc:]
+  sub, body_kinds = _body_fixed_point(
+      e, body_kinds, slice(nb, nb + n_carry),
+      lambda ks: e.convert(body, ks, known[nc:nc + nb] +
+                           [lambda: None] * n_carry))
+  carry_kinds = body_kinds[nb:]
+  cond_sub = e.convert(cond, kinds[:nc] + carry_kinds)
+  if cond_sub.out_kinds[0] is not UNSCANNED:
+    raise e.refuse("the while loop's condition depends on the scanned input, "
+                   "so positions would run different numbers of iterations")
+  if sub.stateful or cond_sub.stateful:
+    raise e.refuse("the while loop's body keeps state along the sequence "
+                   "(use lax.scan or fori_loop with static bounds)")
+
+  def apply(ctx, ins):
+    cconsts, bconsts, carry = ins[:nc], ins[nc:nc + nb], ins[nc + nb:]
+    return lax.while_loop(
+        lambda c: cond_sub.prefill(ctx, list(cconsts) + list(c))[1][0],
+        lambda c: sub.prefill(ctx, list(bconsts) + list(c))[1], list(carry))
+
+  def run(ctx, ins):  # stateless: prefill and step run the same loop
+    return list(apply(ctx, ins))
+  return Converted(carry_kinds, lambda ctx, ins: (None, run(ctx, ins)),
+                   lambda ctx, s, ins: (s, run(ctx, ins)), False)
+
+
+@register(P.cond_p)
+def cond_rule(e):
+  """Causal when the branch index does not depend on the sequence and every
+  branch is causal with the same output kinds."""
+  if e.in_kinds[0] is not UNSCANNED:
+    raise e.refuse("the branch taken depends on the scanned input")
+  known = e.known_thunks()[1:]
+  subs = [e.convert(b, e.in_kinds[1:], known) for b in e.params["branches"]]
+  out_kinds = subs[0].out_kinds
+  if any(s.out_kinds != out_kinds for s in subs):
+    raise e.refuse("its branches give outputs of different kinds "
+                   f"{[s.out_kinds for s in subs]}")
+  stateful = any(s.stateful for s in subs)
+
+  def prefill(ctx, ins):
+    index, ops = ins[0], ins[1:]
+    shapes = [jax.eval_shape(lambda o, s=s: s.prefill(ctx, o)[0], ops)
+              for s in subs]
+    zeros = [jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sh)
+             for sh in shapes]
+
+    def branch(i):
+      def run(ops):
+        state, outs = subs[i].prefill(ctx, ops)
+        states = list(zeros)
+        states[i] = state
+        return states, outs
+      return run
+    return lax.switch(index, [branch(i) for i in range(len(subs))], ops)
+
+  def step(ctx, states, ins):
+    index, ops = ins[0], ins[1:]
+
+    def branch(i):
+      def run(states, ops):
+        state, outs = subs[i].step(ctx, states[i], ops)
+        states = list(states)
+        states[i] = state
+        return states, outs
+      return run
+    return lax.switch(index, [branch(i) for i in range(len(subs))], states, ops)
+  return Converted(out_kinds, prefill, step, stateful)

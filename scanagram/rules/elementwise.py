@@ -1,0 +1,65 @@
+"""Elementwise primitives: causal whenever every scanned operand is scanned
+along the same axis (each output element depends on the same position only).
+
+Unscanned operands of full length (a learned position table, a constant mask)
+are sliced to the current position; scalars pass through.
+"""
+from jax.extend.core import primitives as P
+
+from scanagram.interpreter import register
+from scanagram.rules.common import pointwise, scanned_operands
+
+_NAMES = """
+abs acos acosh add add_jaxvals and asin asinh atan atan2 bessel_i0e bessel_i1e
+cbrt ceil clamp clz complex conj convert_element_type copy cos cosh digamma div
+eq erf erf_inv erfc exp exp2 expm1 floor ge gt igamma igamma_grad_a igammac imag
+integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg
+nextafter not or polygamma population_count pow real reduce_precision
+regularized_incomplete_beta rem round rsqrt select_n shift_left
+shift_right_arithmetic shift_right_logical sign sin sinh sqrt square
+stop_gradient sub tan tanh xor zeta name sharding_constraint
+""".split()
+ELEMENTWISE = [getattr(P, n + "_p") for n in _NAMES]
+
+
+def scanned_axis(e):
+  """The one axis along which all scanned operands run, or refuse."""
+  axes = sorted({e.in_kinds[i].axis for i in scanned_operands(e)})
+  if len(axes) != 1:
+    raise e.refuse(
+        f"it combines values scanned along different axes {axes}: element t "
+        "of one meets other positions of the other")
+  return axes[0]
+
+
+@register(*ELEMENTWISE)
+def elementwise_rule(e):
+  """Causal when all scanned operands share their scanned axis."""
+  from scanagram.rules import attention  # history values (KV caches)
+  if attention.has_history(e):
+    return attention.elementwise_on_history(e)
+  axis = scanned_axis(e)
+  operand_axes = [None if a.ndim == 0 else axis for a in e.in_avals]
+  return pointwise(e, operand_axes, [axis] * len(e.out_avals))
+
+
+@register(P.bitcast_convert_type_p)
+def bitcast_rule(e):
+  """Causal when the scanned axis is not the last (bit widths may change it)."""
+  axis = scanned_axis(e)
+  if axis >= min(e.in_avals[0].ndim, e.out_avals[0].ndim) - 1 and (
+      e.in_avals[0].ndim != e.out_avals[0].ndim):
+    raise e.refuse("it reinterprets the scanned axis as bytes of another type")
+  return pointwise(e, [axis], [axis])
+
+
+@register(P.device_put_p)
+def device_put_rule(e):
+  """Moves each operand unchanged: causal, kinds pass through."""
+  axes = [k.axis if k is not None and hasattr(k, "axis") else None
+          for k in e.in_kinds]
+  from scanagram.kinds import UNSCANNED
+  # device_put is multi-operand: each output has its operand's kind.
+  if any(k is UNSCANNED for k in e.in_kinds):
+    raise e.refuse("device_put of a mix of scanned and unscanned values")
+  return pointwise(e, axes, axes)
