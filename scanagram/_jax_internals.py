@@ -10,11 +10,12 @@ from jax._src.lax.lax import split_p  # jnp.split's primitive; not re-exported
 from jax.interpreters import ad, batching, mlir
 
 
-def user_source_line(source_info) -> str:
-  """``file:line (function)`` of the user code that made an equation."""
+def user_source_line(source_info):
+  """``file:line (function)`` of the user code that made an equation, or
+  None."""
   frame = source_info_util.user_frame(getattr(source_info, "traceback", None))
   if frame is None:
-    return "<unknown location>"
+    return None
   return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
 
 

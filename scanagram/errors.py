@@ -10,9 +10,19 @@ class ScanConversionError(Exception):
   """
 
 
-def refusal(eqn, why: str) -> ScanConversionError:
-  """A ScanConversionError for ``eqn`` (a jaxpr equation) with reason ``why``."""
-  where = _jax_internals.user_source_line(eqn.source_info)
+def refusal(eqn, why: str, enclosing=()) -> ScanConversionError:
+  """A ScanConversionError for ``eqn`` (a jaxpr equation) with reason ``why``.
+
+  ``enclosing``: the call equations around ``eqn``, innermost last; the
+  source line comes from the innermost one that has a user frame (an
+  equation inside ``jnp.where``'s jit only knows JAX's own frames).
+  """
+  where = None
+  for e in [eqn, *reversed(enclosing)]:
+    where = _jax_internals.user_source_line(e.source_info)
+    if where is not None:
+      break
+  where = where or "<unknown location>"
   stack = _jax_internals.name_stack(eqn.source_info)
   module = f" in {stack}" if stack else ""
   return ScanConversionError(

@@ -20,7 +20,8 @@ from jax import lax
 from jax.extend import core as jex_core
 
 from scanagram.errors import ScanConversionError, refusal
-from scanagram.kinds import UNSCANNED, WHOLE_SEQUENCE, Scanned, is_scanned
+from scanagram.kinds import (UNSCANNED, WHOLE_SEQUENCE, History, Scanned,
+                             is_scanned)
 
 # Evaluating a constant mask at conversion time is cheap; a constant bigger
 # than this is not a mask and is left to run time.
@@ -88,17 +89,21 @@ def bind(eqn, invals, params=None):
 
 
 RULES: dict = {}
+HISTORY_RULES: dict = {}  # for equations with a History input (attention)
 
 
-def register(*primitives):
-  """Registers the decorated function as the rule for ``primitives``.
+def register(*primitives, history: bool = False):
+  """Registers the decorated function as the rule for ``primitives``
+  (with ``history=True``: for equations that have a History input).
 
   A rule takes an :class:`Eqn` and returns a :class:`Converted`, or raises
   ``eqn.refuse(why)`` when the primitive is not causal the way it is used.
   """
+  table = HISTORY_RULES if history else RULES
+
   def decorate(rule):
     for p in primitives:
-      RULES[p] = rule
+      table[p] = rule
     return rule
   return decorate
 
@@ -107,8 +112,9 @@ class Eqn:
   """What a rule sees of one equation: its primitive, params, input kinds,
   abstract values, values known at conversion time, and how to refuse."""
 
-  def __init__(self, eqn, in_kinds, known_value):
+  def __init__(self, eqn, in_kinds, known_value, enclosing=()):
     self.eqn = eqn
+    self.enclosing = tuple(enclosing)
     self.primitive = eqn.primitive
     self.params = eqn.params
     self.in_kinds = tuple(in_kinds)
@@ -118,7 +124,7 @@ class Eqn:
 
   def refuse(self, why: str) -> ScanConversionError:
     """The error to raise: ``raise e.refuse("reduce_sum sums over ...")``."""
-    return refusal(self.eqn, why)
+    return refusal(self.eqn, why, self.enclosing)
 
   def known(self, i: int) -> Optional[np.ndarray]:
     """Input ``i``'s value if it is a constant known at conversion time."""
@@ -130,7 +136,7 @@ class Eqn:
   def convert(self, closed_jaxpr, in_kinds, in_known=None) -> "ConvertedJaxpr":
     """Converts a sub-jaxpr (the body of a call, scan, cond...)."""
     return ConvertedJaxpr(closed_jaxpr.jaxpr, closed_jaxpr.consts, in_kinds,
-                          in_known)
+                          in_known, self.enclosing + (self.eqn,))
 
 
 class ConvertedJaxpr:
@@ -138,8 +144,9 @@ class ConvertedJaxpr:
   ``step``. Its state is a dict from equation names to each stateful
   equation's state, in program order."""
 
-  def __init__(self, jaxpr, consts, in_kinds, in_known=None):
+  def __init__(self, jaxpr, consts, in_kinds, in_known=None, enclosing=()):
     self.jaxpr = jaxpr
+    self.enclosing = tuple(enclosing)
     self.consts = list(consts)
     self.in_known = list(in_known) if in_known else [lambda: None] * len(
         jaxpr.invars)
@@ -172,24 +179,34 @@ class ConvertedJaxpr:
 
   def _convert_eqn(self, eqn, in_kinds):
     if WHOLE_SEQUENCE in in_kinds:
-      raise refusal(
+      raise self._refusal(
           eqn, "it uses the final carry of a scan along the scanned axis, "
           "which depends on the whole sequence")
-    rule = RULES.get(eqn.primitive)
+    if any(isinstance(k, History) for k in in_kinds):
+      rule = HISTORY_RULES.get(eqn.primitive)
+      if rule is None:
+        raise self._refusal(
+            eqn, f"scanagram has no rule for `{eqn.primitive.name}` applied to "
+            "attention scores (values over every position of the sequence)")
+    else:
+      rule = RULES.get(eqn.primitive)
     if rule is None:
-      raise refusal(
+      raise self._refusal(
           eqn, f"scanagram has no rule for `{eqn.primitive.name}` applied to "
           "a value that depends on the scanned input")
     try:
-      converted = rule(Eqn(eqn, in_kinds, self.known_value))
+      converted = rule(Eqn(eqn, in_kinds, self.known_value, self.enclosing))
     except ScanConversionError:
       raise
     except Exception as err:  # a rule bug must still name the user's line
-      raise refusal(eqn, f"the rule failed with {type(err).__name__}: {err}"
-                    ) from err
+      raise self._refusal(
+          eqn, f"the rule failed with {type(err).__name__}: {err}") from err
     if len(converted.out_kinds) != len(eqn.outvars):
-      raise refusal(eqn, "the rule returned the wrong number of outputs")
+      raise self._refusal(eqn, "the rule returned the wrong number of outputs")
     return converted
+
+  def _refusal(self, eqn, why):
+    return refusal(eqn, why, self.enclosing)
 
   # -- values known at conversion time (masks, position tables) -------------
   def known_value(self, var):

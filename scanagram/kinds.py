@@ -12,7 +12,15 @@ Every variable of the traced function gets a *kind*:
   full length); in the step at position t it holds element ``t + ahead``,
   with ``axis`` kept at size 1.
 * ``WHOLE_SEQUENCE``: known only at the end (a scan's final carry).
-* ``History(axis, ...)``: see :mod:`scanagram.rules.attention`.
+* ``History(axis, key_axis, ahead, future)``: attention scores and what is
+  computed from them: scanned along ``axis`` (rows, one per query position
+  i) with a ``key_axis`` over all L positions of the sequence. In prefill and
+  step the keys come from a buffer whose unfilled part (positions after the
+  newest element) differs from the training mode. ``future`` records what
+  row i holds at the keys j > i: ``TAINTED`` (may differ from the training
+  mode there), ``EXACT`` (equals the training mode, value unknown),
+  ``NEG`` (equals it, and is a large negative number: a mask's fill minus a
+  finite row maximum), or a float constant (equals it, and is that value).
 """
 import dataclasses
 from typing import Any, Union
@@ -47,6 +55,27 @@ class WholeSequence:
 
 
 WHOLE_SEQUENCE = WholeSequence()
+
+class _Marker(str):
+  def __repr__(self):
+    return str(self)
+
+
+TAINTED = _Marker("TAINTED")
+EXACT = _Marker("EXACT")
+NEG = _Marker("NEG")
+
+
+@dataclasses.dataclass(frozen=True)
+class History:
+  axis: int
+  key_axis: int
+  ahead: int = 0
+  future: Any = TAINTED
+
+  def replace(self, **changes) -> "History":
+    return dataclasses.replace(self, **changes)
+
 
 Kind = Union[Unscanned, Scanned, Any]
 

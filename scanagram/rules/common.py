@@ -54,7 +54,8 @@ def pointwise(e,
               operand_axes: Sequence[Optional[int]],
               out_axes: Sequence[int],
               resize: Optional[Callable[[dict, int], dict]] = None,
-              run: Optional[Callable] = None) -> Converted:
+              run: Optional[Callable] = None,
+              out_kinds: Optional[Sequence] = None) -> Converted:
   """Converts an equation that is independent at each time position.
 
   Args:
@@ -66,10 +67,12 @@ def pointwise(e,
     resize: ``resize(params, n)`` gives the params for a time extent of n, for
       primitives whose params hold shapes.
     run: ``run(ins, params) -> outs`` instead of binding the primitive.
+    out_kinds: the output kinds, when not ``Scanned(out_axes[j], ahead)``
+      (attention scores keep their History kind).
 
   Operands that run ahead by different amounts are delayed to the least.
   """
-  scanned = [i for i, k in enumerate(e.in_kinds) if is_scanned(k)]
+  scanned = [i for i, k in enumerate(e.in_kinds) if k is not UNSCANNED]
   ahead = min(e.in_kinds[i].ahead for i in scanned)
   lines = {
       i: DelayLine(operand_axes[i], e.in_avals[i].shape[operand_axes[i]], ahead,
@@ -89,7 +92,8 @@ def pointwise(e,
       params = resize(params, ctx.block(out_size, ahead)[1])
     return run(ins, params)
 
-  out_kinds = tuple(Scanned(a, ahead) for a in out_axes)
+  if out_kinds is None:
+    out_kinds = tuple(Scanned(a, ahead) for a in out_axes)
   if not lines:
     return Converted(out_kinds, lambda ctx, ins: (None, apply(ctx, ins)),
                      lambda ctx, state, ins: (state, apply(ctx, ins)), False)

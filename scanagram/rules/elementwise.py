@@ -35,12 +35,16 @@ def scanned_axis(e):
 @register(*ELEMENTWISE)
 def elementwise_rule(e):
   """Causal when all scanned operands share their scanned axis."""
-  from scanagram.rules import attention  # history values (KV caches)
-  if attention.has_history(e):
-    return attention.elementwise_on_history(e)
   axis = scanned_axis(e)
-  operand_axes = [None if a.ndim == 0 else axis for a in e.in_avals]
-  return pointwise(e, operand_axes, [axis] * len(e.out_avals))
+  return pointwise(e, broadcast_operand_axes(e, axis), [axis] * len(e.out_avals))
+
+
+def broadcast_operand_axes(e, axis):
+  """Each operand's time axis, or None for scalars and operands of size 1
+  along it (lax broadcasts size-1 axes)."""
+  size = e.out_avals[0].shape[axis]
+  return [None if a.ndim == 0 or (a.shape[axis] == 1 and size != 1) else axis
+          for a in e.in_avals]
 
 
 @register(P.bitcast_convert_type_p)

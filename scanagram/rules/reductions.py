@@ -33,9 +33,6 @@ def _reduced_out_axis(e, axis, reduced):
 @register(*_REDUCE)
 def reduce_rule(e):
   """Causal unless the scanned axis is among the reduced ``axes``."""
-  from scanagram.rules import attention
-  if attention.has_history(e):
-    return attention.reduce_on_history(e)
   axis = e.in_kinds[0].axis
   out_axis = _reduced_out_axis(e, axis, e.params["axes"])
   return pointwise(e, [axis], [out_axis])

@@ -1,0 +1,172 @@
+"""Automatic KV cache: ordinary causal attention converts with no decorator,
+and every unsound variant is refused."""
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import scanagram
+from conftest import check_refused, check_scan, random_like
+
+L, D = 6, 4
+W = jax.random.normal(jax.random.key(1), (3, D, D)) / 2
+
+
+def qkv(x):
+  return x @ W[0], x @ W[1], x @ W[2]
+
+
+def einsum_attention(mask, fill=-1e9, scale=0.5):
+  def f(x):
+    q, k, v = qkv(x)
+    logits = jnp.einsum("td,sd->ts", q, k) * scale
+    logits = jnp.where(mask(x.shape[0]), logits, fill)
+    return jax.nn.softmax(logits, axis=-1) @ v
+  return f
+
+
+def tril_mask(n):
+  return jnp.tril(jnp.ones((n, n), bool))
+
+
+def iota_mask(n):
+  pos = jnp.arange(n)
+  return pos[:, None] >= pos[None, :]
+
+
+NUMPY_MASK = np.tril(np.ones((L, L), bool))
+
+
+@pytest.mark.parametrize("mask", [tril_mask, iota_mask, lambda n: NUMPY_MASK,
+                                  lambda n: jnp.asarray(NUMPY_MASK)],
+                         ids=["tril", "iota", "numpy", "jax-constant"])
+@pytest.mark.parametrize("fill", [-1e9, -jnp.inf, -1e30])
+def test_einsum_attention_converts(mask, fill):
+  check_scan(einsum_attention(mask, fill), random_like(jnp.zeros((L, D))),
+             prefill_lengths=range(L + 1))
+
+
+def test_matmul_form_with_float_mask_multiplication():
+  """Causal masking by multiplying weights with a 0/1 mask also proves."""
+  def f(x):
+    q, k, v = qkv(x)
+    weights = jnp.exp(jnp.tanh(q @ k.T)) * jnp.tril(jnp.ones((L, L)))
+    return weights @ v
+  check_scan(f, random_like(jnp.zeros((L, D))))
+
+
+def test_carry_is_the_kv_cache():
+  fns = scanagram.to_step(einsum_attention(tril_mask), jnp.zeros((64, D)))
+  leaves = jax.tree.leaves(fns.carry_spec())
+  kv_bytes = 2 * 64 * D * 4
+  carry_bytes = sum(l.size * l.dtype.itemsize for l in leaves)
+  assert carry_bytes <= kv_bytes + 16, jax.tree.map(
+      lambda l: l.shape, fns.carry_spec())
+
+
+def _heads(x, n):  # [B, T, D] -> [B, T, n, D // n]
+  return x.reshape(x.shape[0], x.shape[1], n, -1)
+
+
+def test_batch_and_heads_time_axis_1_several_layers():
+  """Batch-major [B, T, D], 2 heads, 2 layers: time axis 1 inside fun."""
+  def f(xs):  # xs: [T, B, D] scanned along 0, moved to axis 1 inside
+    h = jnp.swapaxes(xs, 0, 1)
+    for layer in range(2):
+      q, k, v = (_heads(h @ W[i] * (layer + 1), 2) for i in range(3))
+      logits = jnp.einsum("bthd,bshd->bhts", q, k)
+      mask = jnp.tril(jnp.ones((1, 1, L, L), bool))
+      logits = jnp.where(mask, logits, -1e9)
+      out = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits), v)
+      h = h + out.reshape(h.shape)
+    return jnp.swapaxes(h, 0, 1)
+  check_scan(f, random_like(jnp.zeros((L, 3, D))), prefill_lengths=range(L + 1))
+
+
+def _dpa(**kwargs):
+  def f(x):
+    q, k, v = (_heads(t[None], 2) for t in qkv(x))
+    return jax.nn.dot_product_attention(q, k, v, **kwargs)[0].reshape(L, D)
+  return f
+
+
+def test_dot_product_attention_is_causal():
+  check_scan(_dpa(is_causal=True), random_like(jnp.zeros((L, D))))
+
+
+def test_dot_product_attention_with_mask_argument():
+  mask = jnp.tril(jnp.ones((1, 1, L, L), bool))
+  check_scan(_dpa(mask=mask), random_like(jnp.zeros((L, D))))
+
+
+def test_dot_product_attention_local_window():
+  check_scan(_dpa(is_causal=True, local_window_size=(2, 0)),
+             random_like(jnp.zeros((L, D))))
+
+
+def test_dot_product_attention_grouped_query_heads():
+  def f(x):
+    q = _heads((x @ W[0])[None], 4)
+    k = _heads((x @ W[1])[None, :, :2], 2)
+    v = _heads((x @ W[2])[None, :, :2], 2)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)[0].reshape(
+        L, D)
+  check_scan(f, random_like(jnp.zeros((L, D))))
+
+
+def test_haiku_multi_head_attention_block():
+  """A transformer block with hk.MultiHeadAttention and a causal mask."""
+  def block(x):  # x: [T, B, D]
+    h = jnp.swapaxes(x, 0, 1)
+    mask = jnp.tril(jnp.ones((1, 1, L, L)))
+    ln = hk.LayerNorm(-1, True, True)
+    h = h + hk.MultiHeadAttention(2, 2, w_init_scale=1.0)(
+        ln(h), ln(h), ln(h), mask=mask)
+    h = h + hk.nets.MLP([8, D])(hk.LayerNorm(-1, True, True)(h))
+    return jnp.swapaxes(h, 0, 1)
+  model = hk.without_apply_rng(hk.transform(block))
+  x = random_like(jnp.zeros((L, 2, D)))
+  params = model.init(jax.random.key(0), x)
+  check_scan(lambda xs: model.apply(params, xs), x)
+
+
+# -- unsound variants: refused ------------------------------------------------
+def _x():
+  return jnp.zeros((L, D))
+
+
+def test_no_mask_refused():
+  def f(x):
+    q, k, v = qkv(x)
+    return jax.nn.softmax(q @ k.T) @ v
+  check_refused(f, _x(), "reduce_max", "no causal mask")
+
+
+def test_transposed_mask_refused():
+  check_refused(einsum_attention(lambda n: jnp.triu(jnp.ones((n, n), bool))),
+                _x(), "select_n", "keeps key 1 for query 0")
+
+
+def test_one_future_step_refused():
+  check_refused(
+      einsum_attention(lambda n: jnp.tril(jnp.ones((n, n), bool), k=1)),
+      _x(), "select_n", "a future position")
+
+
+def test_zero_fill_refused():
+  check_refused(einsum_attention(tril_mask, fill=0.0), _x(), "dot_general",
+                "not provably zero")
+
+
+def test_mask_from_an_input_refused():
+  def f(mask, x):
+    q, k, v = qkv(x)
+    logits = jnp.where(mask, q @ k.T, -1e9)
+    return jax.nn.softmax(logits) @ v
+  with pytest.raises(scanagram.ScanConversionError, match="cannot check"):
+    scanagram.to_step(f, NUMPY_MASK, _x(), in_axes=(None, 0))
+
+
+def test_dot_product_attention_without_causal_refused():
+  check_refused(_dpa(), _x(), "no causal mask")
