@@ -260,3 +260,231 @@ def jax2torch(fn: Callable) -> Callable:
 
 def _torch_is_inexact(dtype: torch.dtype) -> bool:
   return dtype.is_floating_point or dtype.is_complex
+
+
+# -- checking what crosses -----------------------------------------------------
+def _jax_dtype_of(x):
+  if isinstance(x, torch.Tensor):
+    return jnp.dtype(str(x.dtype).replace("torch.", ""))
+  return jnp.dtype(x.dtype)
+
+
+def _tree_to_jax(tree):
+  """Every leaf as a JAX array: torch tensors through DLPack, others with
+  jnp.asarray (JAX arrays are kept as they are)."""
+  return jax.tree.map(
+      lambda x: to_jax(x, "parameter") if isinstance(x, torch.Tensor)
+      else jnp.asarray(x), tree)
+
+
+def _drop_axis(spec, axis):
+  shape = list(spec.shape)
+  del shape[axis % len(shape)]
+  return jax.ShapeDtypeStruct(tuple(shape), spec.dtype)
+
+
+def _check_tree(what, tree, specs, axis=None, length_range=None):
+  """Checks ``tree`` against ``specs`` (a pytree of ShapeDtypeStructs); with
+  ``axis``, the leaves have an extra axis there whose length must lie in
+  ``length_range`` (inclusive). Returns ``(jax leaves, length)``."""
+  leaves, tree_def = jax.tree.flatten(tree)
+  spec_leaves, spec_def = jax.tree.flatten(specs)
+  if tree_def != spec_def:
+    raise TypeError(f"{what}: expected the structure {spec_def}, got "
+                    f"{tree_def}")
+  out, lengths = [], set()
+  for (path, x), spec in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                             spec_leaves):
+    name = what + jax.tree_util.keystr(path)
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise TypeError(f"{name}: expected a torch.Tensor, got "
+                      f"{type(x).__name__}")
+    shape, want = tuple(x.shape), tuple(spec.shape)
+    if axis is not None:
+      if len(shape) != len(want) + 1:
+        raise ValueError(f"{name}: expected {len(want) + 1} dimensions "
+                         f"(one element has shape {want}, plus the time axis "
+                         f"{axis}), got shape {shape}")
+      a = axis % len(shape)
+      lengths.add(shape[a])
+      want = want[:a] + (shape[a],) + want[a:]
+    if shape != want:
+      raise ValueError(f"{name}: expected shape {want}, got {shape}")
+    got_dtype = _jax_dtype_of(x)
+    if got_dtype != spec.dtype:
+      # int64 -> int32 (and uint64 -> uint32) when JAX runs without x64, as
+      # for any input to a jitted function: torch's default integer type.
+      if not (jnp.issubdtype(got_dtype, jnp.integer) and
+              jax.dtypes.canonicalize_dtype(got_dtype) == spec.dtype):
+        raise TypeError(f"{name}: expected dtype {spec.dtype}, got "
+                        f"{got_dtype}")
+    out.append(to_jax(x, name) if isinstance(x, torch.Tensor) else
+               jnp.asarray(x).astype(spec.dtype))
+  if len(lengths) > 1:
+    raise ValueError(f"{what}: the leaves have different lengths "
+                     f"{sorted(lengths)} along the time axis {axis}")
+  length = lengths.pop() if lengths else None
+  if length_range is not None and length is not None:
+    lo, hi = length_range
+    if not lo <= length <= hi:
+      raise ValueError(f"{what}: expected between {lo} and {hi} elements "
+                       f"along the time axis {axis}, got {length}")
+  return out, tree_def, length
+
+
+def _element_spec(pair):
+  """The spec (ShapeDtypeStructs) of one element ``x`` of the pair's input."""
+  for name in ("element_spec", "x_spec"):
+    spec = getattr(pair, name, None)
+    if spec is not None:
+      return spec() if callable(spec) else spec
+  for name in ("xs_spec", "example_xs", "example"):
+    spec = getattr(pair, name, None)
+    if spec is not None:
+      spec = spec() if callable(spec) else spec
+      return jax.tree.map(
+          lambda s: _drop_axis(jax.ShapeDtypeStruct(s.shape, s.dtype),
+                               pair.axis), spec)
+  raise TypeError(f"{type(pair).__name__} does not tell the shape of its "
+                  "input (no element_spec / xs_spec attribute)")
+
+
+# -- TorchStepper --------------------------------------------------------------
+class _Compiled:
+  """The jitted init, prefill, step and run of one pair; step and run donate
+  the carry (argument 1)."""
+
+  def __init__(self, pair):
+    axis = pair.axis
+    run_body = getattr(pair, "_run", None)
+
+    def run(unscanned, carry, xs):
+      if run_body is not None:
+        return run_body(*unscanned, carry, xs)
+      xs = jax.tree.map(lambda x: jnp.moveaxis(x, axis, 0), xs)
+      carry, ys = lax.scan(lambda c, x: pair.step(*unscanned, c, x), carry,
+                           xs)
+      return carry, jax.tree.map(lambda y: jnp.moveaxis(y, 0, axis), ys)
+
+    self.init = jax.jit(lambda u: pair.init(*u))
+    self.prefill = jax.jit(lambda u, prompt: pair.prefill(*u, prompt))
+    self.step = jax.jit(lambda u, carry, x: pair.step(*u, carry, x),
+                        donate_argnums=1)
+    self.run = jax.jit(run, donate_argnums=1)
+
+
+def _compiled_for(pair):
+  cached = _compiled_cache.get(id(pair))
+  if cached is not None and cached[0]() is pair:
+    return cached[1]
+  compiled = _Compiled(pair)
+  try:
+    import weakref
+    ref = weakref.ref(pair, lambda _, i=id(pair): _compiled_cache.pop(i, None))
+    _compiled_cache[id(pair)] = (ref, compiled)
+  except TypeError:
+    pass
+  return compiled
+
+
+_compiled_cache = {}
+
+
+class TorchStepper:
+  """A derived step as a stateful PyTorch-side object.
+
+  The carry (KV caches, recurrent states, the position) stays on the JAX side
+  between calls and is donated to the next call, so it is updated in place;
+  only ``x`` and ``y`` cross the boundary, without copies (see the module
+  docstring). The parameters (and Haiku state) are converted to JAX arrays
+  once, here; torch tensors among them share memory with the JAX arrays.
+
+  Args:
+    pair: a ``StepPair`` (:func:`adapters.haiku.to_step`), or the object
+      :func:`load_step` builds from an exported file.
+    params: the model parameters (JAX arrays, NumPy arrays or torch tensors).
+    state: the model state, for pairs of ``hk.transform_with_state`` models.
+
+  Attributes:
+    axis: the time axis of prompts, of ``run``'s inputs and of the outputs.
+    length: L, the most positions the step serves.
+    position: the number of elements seen since the last :meth:`reset`.
+    carry: the current carry (JAX arrays; donated by the next call).
+
+  Example:
+    >>> import jax.numpy as jnp, torch
+    >>> from adapters.haiku import to_step
+    >>> pair = to_step(lambda w, xs: jnp.cumsum(xs @ w, axis=0),
+    ...                jnp.ones((8, 2)), params=jnp.ones((2, 2)))  # doctest: +SKIP
+    >>> stepper = TorchStepper(pair, jnp.eye(2))                  # doctest: +SKIP
+    >>> stepper.reset(torch.ones(3, 2)).tolist()                  # doctest: +SKIP
+    [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]
+    >>> stepper(torch.ones(2)).tolist()                           # doctest: +SKIP
+    [4.0, 4.0]
+  """
+
+  def __init__(self, pair, params, state=None):
+    self.pair = pair
+    self.axis = pair.axis
+    self.length = pair.length
+    has_state = bool(getattr(pair, "has_state", False))
+    if has_state and state is None:
+      raise TypeError("this pair's model has state (hk.transform_with_state):"
+                      " pass TorchStepper(pair, params, state)")
+    if not has_state and state is not None:
+      raise TypeError("this pair's model has no state: pass "
+                      "TorchStepper(pair, params) without state")
+    unscanned = (params, state) if has_state else (params,)
+    self._unscanned = tuple(_tree_to_jax(u) for u in unscanned)
+    self._element = _element_spec(pair)
+    self._fns = _compiled_for(pair)
+    self.carry = None
+    self.position = 0
+    self.reset()
+
+  def reset(self, prompt=None):
+    """Starts a new sequence, with a prompt or empty.
+
+    Args:
+      prompt: None, or a tensor (pytree) of P elements along ``axis``,
+        0 <= P <= L.
+    Returns:
+      None without a prompt; with one, the outputs for the prompt (torch
+      tensors, P elements along ``axis``).
+    """
+    if prompt is None:
+      self.carry = self._fns.init(self._unscanned)
+      self.position = 0
+      return None
+    leaves, tree_def, p = _check_tree("prompt", prompt, self._element,
+                                      self.axis, (0, self.length))
+    self.carry, out = self._fns.prefill(
+        self._unscanned, jax.tree.unflatten(tree_def, leaves))
+    self.position = p
+    return jax.tree.map(to_torch, out)
+
+  def __call__(self, x):
+    """One step: ``x`` is one element (``axis`` removed); returns ``y``."""
+    if self.position >= self.length:
+      raise ValueError(f"the step serves at most L={self.length} positions "
+                       f"and {self.position} were used: call reset()")
+    leaves, tree_def, _ = _check_tree("x", x, self._element)
+    self.carry, y = self._fns.step(self._unscanned, self.carry,
+                                   jax.tree.unflatten(tree_def, leaves))
+    self.position += 1
+    return jax.tree.map(to_torch, y)
+
+  def run(self, xs):
+    """Many steps in one dispatch (a compiled ``lax.scan``).
+
+    Args:
+      xs: N elements stacked along ``axis`` (N >= 1, position + N <= L).
+    Returns:
+      The N outputs stacked along ``axis``: the same as N calls.
+    """
+    leaves, tree_def, n = _check_tree("xs", xs, self._element, self.axis,
+                                      (1, self.length - self.position))
+    self.carry, ys = self._fns.run(self._unscanned, self.carry,
+                                   jax.tree.unflatten(tree_def, leaves))
+    self.position += n
+    return jax.tree.map(to_torch, ys)
