@@ -488,3 +488,283 @@ class TorchStepper:
                                    jax.tree.unflatten(tree_def, leaves))
     self.position += n
     return jax.tree.map(to_torch, ys)
+
+
+# -- export_step / load_step ---------------------------------------------------
+_FORMAT = "scanagram-step"
+_VERSION = 1
+
+
+def _skeleton(tree_def):
+  """A JSON description of a pytree structure of dicts, lists, tuples and
+  None (the containers jax.export cannot serialize with non-string keys)."""
+  def encode(node):
+    if node is None:
+      return {"none": True}
+    if isinstance(node, dict):
+      return {"dict": [[_encode_key(k), encode(v)] for k, v in node.items()]}
+    if isinstance(node, (list, tuple)) and type(node) in (list, tuple):
+      return {type(node).__name__: [encode(v) for v in node]}
+    if node is _LEAF:
+      return {"leaf": True}
+    raise TypeError(f"export_step supports inputs and outputs made of dicts, "
+                    f"lists, tuples and arrays; got a {type(node).__name__} "
+                    f"node in {tree_def}")
+  marked = jax.tree.unflatten(tree_def, [_LEAF] * tree_def.num_leaves)
+  return encode(marked)
+
+
+_LEAF = object()
+
+
+def _encode_key(k):
+  if isinstance(k, bool) or not isinstance(k, (str, int)):
+    raise TypeError(f"export_step supports dict keys that are str or int; got "
+                    f"{k!r}")
+  return {"str": k} if isinstance(k, str) else {"int": k}
+
+
+def _structure(skeleton):
+  def decode(node):
+    if "none" in node:
+      return None
+    if "leaf" in node:
+      return 0
+    if "dict" in node:
+      return {(k["str"] if "str" in k else k["int"]): decode(v)
+              for k, v in node["dict"]}
+    if "list" in node:
+      return [decode(v) for v in node["list"]]
+    return tuple(decode(v) for v in node["tuple"])
+  return jax.tree.structure(decode(skeleton))
+
+
+def _spec_json(spec):
+  return {"shape": [int(d) for d in spec.shape], "dtype": jnp.dtype(
+      spec.dtype).name}
+
+
+def _spec_from_json(d):
+  return jax.ShapeDtypeStruct(tuple(d["shape"]), jnp.dtype(d["dtype"]))
+
+
+def _with_time(spec, axis, n):
+  shape = list(spec.shape)
+  a = axis % (len(shape) + 1)
+  shape.insert(a, n)
+  return jax.ShapeDtypeStruct(tuple(shape), spec.dtype)
+
+
+def export_step(pair, params, path, *, state=None, prompt_lengths=(),
+                platforms: Optional[Sequence[str]] = None):
+  """Writes a pair's init, step, run and prefills to one file.
+
+  The file is a zip holding ``meta.json`` (axis, L, structures and specs),
+  the parameters (and state) as raw arrays beside the functions (they stay
+  inputs of the exported functions, not constants: ``params/<i>.bin``), and
+  ``jax.export`` serializations (``Exported.serialize()``) of
+
+  * ``init(params) -> carry``,
+  * ``step(params, carry, x) -> (carry, y)``,
+  * ``run(params, carry, xs) -> (carry, ys)`` with a symbolic number of steps
+    ``n`` along ``axis``,
+  * ``prefill(params, prompt) -> (carry, out)``: one with a symbolic prompt
+    length ``p`` (1 <= p <= L) when the pair's prefill is shape-polymorphic,
+    otherwise one per length in ``prompt_lengths``. The scanagram core is
+    not shape-polymorphic for most models today (its rules compare the prompt
+    length with L in Python), so expect the list; ``meta.json["prefill"]``
+    says which was written. A prompt of length 0 is served by ``init``.
+
+  Functions take and return flat lists of arrays (the carry is opaque to the
+  loader); the structures of ``x`` and ``y`` are stored in ``meta.json``.
+
+  Args:
+    pair: a ``StepPair`` (:func:`adapters.haiku.to_step`).
+    params: its parameters; ``state``: its model state, if it has one.
+    path: the file to write.
+    prompt_lengths: the prompt lengths to serve when the prefill cannot be
+      exported with a symbolic length.
+    platforms: ``jax.export`` lowering platforms (default: JAX's default
+      backend), e.g. ``("cpu", "cuda")``.
+
+  Returns:
+    ``path``.
+  """
+  has_state = bool(getattr(pair, "has_state", False))
+  unscanned = (params, state) if has_state else (params,)
+  if has_state and state is None:
+    raise TypeError("this pair's model has state: pass state=")
+  u_leaves, u_def = jax.tree.flatten(tuple(_tree_to_jax(u) for u in
+                                           unscanned))
+  element = _element_spec(pair)
+  x_leaves, x_def = jax.tree.flatten(element)
+  axis, length = pair.axis, int(pair.length)
+  kwargs = {} if platforms is None else {"platforms": tuple(platforms)}
+
+  def unpack(u):
+    return jax.tree.unflatten(u_def, u)
+
+  def init(u):
+    return jax.tree.leaves(pair.init(*unpack(u)))
+
+  carry_spec = jax.eval_shape(lambda u: pair.init(*unpack(u)), u_leaves)
+  carry_def = jax.tree.structure(carry_spec)
+
+  def step(u, c, x):
+    carry, y = pair.step(*unpack(u), jax.tree.unflatten(carry_def, c),
+                         jax.tree.unflatten(x_def, x))
+    return jax.tree.leaves(carry), jax.tree.leaves(y)
+
+  def run(u, c, xs):
+    xs = [jnp.moveaxis(x, axis, 0) for x in xs]
+    c, ys = lax.scan(lambda c, x: step(u, c, x), c, xs)
+    return c, [jnp.moveaxis(y, 0, axis) for y in ys]
+
+  def prefill(u, prompt):
+    carry, out = pair.prefill(*unpack(u), jax.tree.unflatten(x_def, prompt))
+    return jax.tree.leaves(carry), jax.tree.leaves(out)
+
+  u_specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in u_leaves]
+  c_specs = jax.tree.leaves(carry_spec)
+  y_def = jax.tree.structure(jax.eval_shape(
+      lambda u, c, x: pair.step(*unpack(u), jax.tree.unflatten(carry_def, c),
+                                jax.tree.unflatten(x_def, x))[1],
+      u_specs, c_specs, x_leaves))
+  exported = {}
+  exported["init"] = jax.export.export(jax.jit(init), **kwargs)(u_specs)
+  exported["step"] = jax.export.export(jax.jit(step), **kwargs)(
+      u_specs, c_specs, x_leaves)
+  n, = jax.export.symbolic_shape("n")
+  exported["run"] = jax.export.export(jax.jit(run), **kwargs)(
+      u_specs, c_specs, [_with_time(s, axis, n) for s in x_leaves])
+  p, = jax.export.symbolic_shape("p", constraints=(f"p <= {length}",))
+  prefill_info = {"symbolic": False, "lengths": []}
+  try:
+    exported["prefill"] = jax.export.export(jax.jit(prefill), **kwargs)(
+        u_specs, [_with_time(s, axis, p) for s in x_leaves])
+    prefill_info["symbolic"] = True
+  except Exception as e:  # noqa: BLE001  (any failure to be polymorphic)
+    prefill_info["why_not_symbolic"] = f"{type(e).__name__}: {e}"[:2000]
+    for length_p in sorted(set(int(q) for q in prompt_lengths)):
+      if not 0 < length_p <= length:
+        if length_p == 0:
+          continue                      # served by init
+        raise ValueError(f"prompt_lengths: {length_p} is not in 0..L="
+                         f"{length}")
+      exported[f"prefill_{length_p}"] = jax.export.export(
+          jax.jit(prefill), **kwargs)(
+              u_specs, [_with_time(s, axis, length_p) for s in x_leaves])
+      prefill_info["lengths"].append(length_p)
+  # A prompt of length 0 gives outputs of length 0: their specs.
+  out_specs = jax.eval_shape(
+      lambda u, pr: pair.prefill(*unpack(u), jax.tree.unflatten(x_def, pr))[1],
+      u_specs, [_with_time(s, axis, 1) for s in x_leaves])
+  out_leaves, out_def = jax.tree.flatten(out_specs)
+  meta = {
+      "format": _FORMAT, "version": _VERSION, "axis": axis,
+      "length": length, "x_tree": _skeleton(x_def),
+      "x_specs": [_spec_json(s) for s in x_leaves],
+      "y_tree": _skeleton(y_def), "out_tree": _skeleton(out_def),
+      "out_specs_at_1": [_spec_json(s) for s in out_leaves],
+      "params": [_spec_json(s) for s in u_specs],
+      "prefill": prefill_info,
+      "functions": sorted(exported),
+  }
+  with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
+    z.writestr("meta.json", json.dumps(meta, indent=1))
+    for name, exp in exported.items():
+      z.writestr(f"{name}.jax", bytes(exp.serialize()))
+    for i, x in enumerate(u_leaves):
+      z.writestr(f"params/{i}.bin", np.asarray(x).tobytes())
+  return path
+
+
+class ExportedPair:
+  """A step pair read from an :func:`export_step` file: the interface
+  :class:`TorchStepper` needs (``axis``, ``length``, ``init``, ``prefill``,
+  ``step``, ``carry_spec``), over deserialized ``jax.export`` functions.
+  Its unscanned argument is the flat list of parameter (and state) arrays;
+  its carry is a flat list of arrays.
+
+  Attributes:
+    params: the parameter arrays stored in the file.
+    prefill_lengths: the prompt lengths the file serves: ``None`` for every
+      length 0..L (symbolic export), else the exported ones and 0.
+  """
+
+  has_state = False
+
+  def __init__(self, path):
+    with zipfile.ZipFile(path) as z:
+      meta = json.loads(z.read("meta.json"))
+      if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
+        raise ValueError(f"{path} is not a scanagram step file of version "
+                         f"{_VERSION} (meta: {meta.get('format')!r} "
+                         f"{meta.get('version')!r})")
+      self._fns = {name: jax.export.deserialize(
+          bytearray(z.read(f"{name}.jax"))) for name in meta["functions"]}
+      self.params = [
+          jnp.asarray(np.frombuffer(z.read(f"params/{i}.bin"),
+                                    jnp.dtype(s["dtype"])).reshape(s["shape"]))
+          for i, s in enumerate(meta["params"])]
+    self.meta = meta
+    self.axis = meta["axis"]
+    self.length = meta["length"]
+    self._x_def = _structure(meta["x_tree"])
+    self._y_def = _structure(meta["y_tree"])
+    self._out_def = _structure(meta["out_tree"])
+    self.element_spec = jax.tree.unflatten(
+        self._x_def, [_spec_from_json(s) for s in meta["x_specs"]])
+    info = meta["prefill"]
+    self.prefill_lengths = (None if info["symbolic"]
+                            else [0] + list(info["lengths"]))
+
+  def carry_spec(self):
+    return list(self._fns["init"].out_avals)
+
+  def init(self, params):
+    return self._fns["init"].call(params)
+
+  def step(self, params, carry, x):
+    carry, y = self._fns["step"].call(params, carry,
+                                      self._x_def.flatten_up_to(x))
+    return carry, jax.tree.unflatten(self._y_def, y)
+
+  def _run(self, params, carry, xs):
+    carry, ys = self._fns["run"].call(params, carry,
+                                      self._x_def.flatten_up_to(xs))
+    return carry, jax.tree.unflatten(self._y_def, ys)
+
+  def prefill(self, params, prompt):
+    leaves = self._x_def.flatten_up_to(prompt)
+    p = leaves[0].shape[self.axis % leaves[0].ndim]
+    if p == 0:
+      outs = []
+      for s in self.meta["out_specs_at_1"]:
+        shape = list(s["shape"])
+        shape[self.axis % len(shape)] = 0
+        outs.append(jnp.zeros(shape, s["dtype"]))
+      return self.init(params), jax.tree.unflatten(self._out_def, outs)
+    name = "prefill" if self.prefill_lengths is None else f"prefill_{p}"
+    if name not in self._fns:
+      raise ValueError(
+          f"this exported step has prefills for prompt lengths "
+          f"{self.prefill_lengths} only, got a prompt of length {p}: export "
+          f"it with prompt_lengths=(..., {p}) (the prefill could not be "
+          f"exported with a symbolic length: "
+          f"{self.meta['prefill'].get('why_not_symbolic', '')[:200]})")
+    carry, out = self._fns[name].call(params, leaves)
+    return carry, jax.tree.unflatten(self._out_def, out)
+
+
+def load_step(path) -> TorchStepper:
+  """Loads an :func:`export_step` file as a :class:`TorchStepper`.
+
+  Needs only JAX, NumPy and PyTorch: neither the model's code nor Haiku.
+  The stepper's pair is an :class:`ExportedPair`; ``reset``, ``__call__``
+  and ``run`` behave as on the stepper the file was exported from, except
+  that ``reset(prompt)`` serves only the exported prompt lengths when the
+  prefill was not exported with a symbolic length.
+  """
+  pair = ExportedPair(path)
+  return TorchStepper(pair, pair.params)
