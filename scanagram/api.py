@@ -11,6 +11,7 @@ from scanagram import rules  # noqa: F401  (registers the rules)
 from scanagram.errors import ScanConversionError
 from scanagram.interpreter import ConvertedJaxpr, Prefill, Step, time_block
 from scanagram.kinds import UNSCANNED, Scanned
+from scanagram.rules import attention
 from scanagram.rules.common import DelayLine
 
 Axes = Union[int, None, Sequence[Union[int, None]]]
@@ -60,7 +61,9 @@ class StepFunctions:
     closed = jax.make_jaxpr(flat_fun)(*self._in_specs)
     in_kinds = [UNSCANNED if a is None else Scanned(a)
                 for a in self._leaf_axes]
-    self._converted = ConvertedJaxpr(closed.jaxpr, closed.consts, in_kinds)
+    self._converted = attention.convert_with_windows(
+        lambda context: ConvertedJaxpr(closed.jaxpr, closed.consts, in_kinds,
+                                       context=context))
     self._outputs = [self._output_rule(i, k, v.aval) for i, (k, v) in
                      enumerate(zip(self._converted.out_kinds,
                                    closed.jaxpr.outvars))]

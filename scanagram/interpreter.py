@@ -112,8 +112,9 @@ class Eqn:
   """What a rule sees of one equation: its primitive, params, input kinds,
   abstract values, values known at conversion time, and how to refuse."""
 
-  def __init__(self, eqn, in_kinds, known_value, enclosing=()):
+  def __init__(self, eqn, in_kinds, known_value, enclosing=(), context=None):
     self.eqn = eqn
+    self.context = {} if context is None else context
     self.enclosing = tuple(enclosing)
     self.primitive = eqn.primitive
     self.params = eqn.params
@@ -136,7 +137,8 @@ class Eqn:
   def convert(self, closed_jaxpr, in_kinds, in_known=None) -> "ConvertedJaxpr":
     """Converts a sub-jaxpr (the body of a call, scan, cond...)."""
     return ConvertedJaxpr(closed_jaxpr.jaxpr, closed_jaxpr.consts, in_kinds,
-                          in_known, self.enclosing + (self.eqn,))
+                          in_known, self.enclosing + (self.eqn,),
+                          self.context)
 
 
 class ConvertedJaxpr:
@@ -144,8 +146,12 @@ class ConvertedJaxpr:
   ``step``. Its state is a dict from equation names to each stateful
   equation's state, in program order."""
 
-  def __init__(self, jaxpr, consts, in_kinds, in_known=None, enclosing=()):
+  def __init__(self, jaxpr, consts, in_kinds, in_known=None, enclosing=(),
+               context=None):
     self.jaxpr = jaxpr
+    # shared by the whole conversion, nested jaxprs included: rules that
+    # learn something downstream (a proven attention window) record it here
+    self.context = {} if context is None else context
     self.enclosing = tuple(enclosing)
     self.consts = list(consts)
     self.in_known = list(in_known) if in_known else [lambda: None] * len(
@@ -195,7 +201,8 @@ class ConvertedJaxpr:
           eqn, f"scanagram has no rule for `{eqn.primitive.name}` applied to "
           "a value that depends on the scanned input")
     try:
-      converted = rule(Eqn(eqn, in_kinds, self.known_value, self.enclosing))
+      converted = rule(Eqn(eqn, in_kinds, self.known_value, self.enclosing,
+                           self.context))
     except ScanConversionError:
       raise
     except Exception as err:  # a rule bug must still name the user's line

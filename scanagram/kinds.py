@@ -21,6 +21,8 @@ Every variable of the traced function gets a *kind*:
   mode there), ``EXACT`` (equals the training mode, value unknown),
   ``NEG`` (equals it, and is a large negative number: a mask's fill minus a
   finite row maximum), or a float constant (equals it, and is that value).
+  With ``window`` w the keys live in a ring of the last w positions and
+  ``future`` covers the keys outside the window too (j > i or j <= i - w).
 """
 import dataclasses
 from typing import Any, Union
@@ -72,6 +74,8 @@ class History:
   key_axis: int
   ahead: int = 0
   future: Any = TAINTED
+  window: Any = None  # w: keys live in a ring of the last w positions
+  origin: Any = None  # the q·kᵀ equation the scores come from
 
   def replace(self, **changes) -> "History":
     return dataclasses.replace(self, **changes)

@@ -170,3 +170,53 @@ def test_mask_from_an_input_refused():
 
 def test_dot_product_attention_without_causal_refused():
   check_refused(_dpa(), _x(), "no causal mask")
+
+
+# -- sliding windows: a ring of w keys ----------------------------------------
+def window_mask(n, w):
+  pos = jnp.arange(n)
+  return (pos[:, None] >= pos[None, :]) & (pos[:, None] - pos[None, :] < w)
+
+
+@pytest.mark.parametrize("w", [1, 2, 3])
+def test_sliding_window_converts(w):
+  check_scan(einsum_attention(lambda n: window_mask(n, w)),
+             random_like(jnp.zeros((L, D))), prefill_lengths=range(L + 1))
+
+
+def _carry_bytes(fns):
+  return sum(l.size * l.dtype.itemsize
+             for l in jax.tree.leaves(fns.carry_spec()))
+
+
+def test_window_of_4_at_L_64_shrinks_the_carry():
+  full = scanagram.to_step(einsum_attention(tril_mask), jnp.zeros((64, D)))
+  ring = scanagram.to_step(einsum_attention(lambda n: window_mask(n, 4)),
+                           jnp.zeros((64, D)))
+  assert _carry_bytes(ring) * 4 <= _carry_bytes(full)
+
+
+def test_dot_product_attention_local_window_uses_a_ring():
+  def f(x):
+    q, k, v = (_heads(t[None], 2) for t in qkv(x))
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, local_window_size=(3, 0))[0].reshape(
+            x.shape[0], D)
+  x = random_like(jnp.zeros((16, D)))
+  check_scan(f, x, prefill_lengths=[0, 2, 3, 9, 16])
+  fns = scanagram.to_step(f, x)
+  key_lengths = {l.shape[1] for l in jax.tree.leaves(fns.carry_spec())
+                 if l.ndim == 4}
+  assert key_lengths == {4}  # the window (3 back + the current key)
+
+
+def test_window_with_a_bias_table():
+  """An unscanned [L, L] bias over the keys is gathered at the ring's slots."""
+  bias = jax.random.normal(jax.random.key(5), (L, L))
+
+  def f(x):
+    q, k, v = qkv(x)
+    logits = q @ k.T + bias
+    logits = jnp.where(window_mask(L, 2), logits, -jnp.inf)
+    return jax.nn.softmax(logits) @ v
+  check_scan(f, random_like(jnp.zeros((L, D))), prefill_lengths=range(L + 1))

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as P
 
+from scanagram.errors import ScanConversionError
 from scanagram.interpreter import Converted, bind, register
 from scanagram.kinds import (EXACT, NEG, TAINTED, UNSCANNED, History, Scanned,
                              is_scanned)
@@ -58,6 +59,54 @@ class Buffer:
                                            self.axis)
 
 
+class RingBuffer(Buffer):
+  """The last ``window`` elements, element p in slot p mod window. Prefill
+  computes with the full buffer and keeps the ring for the steps."""
+
+  def __init__(self, axis: int, size: int, ahead: int, window: int):
+    super().__init__(axis, size, ahead)
+    self.window = window
+
+  def prefill_ring(self, x):
+    full = self.prefill(x)
+    newest = x.shape[self.axis] - 1
+    slots = np.arange(self.window)
+    positions = newest - np.mod(newest - slots, self.window)
+    ring = jnp.take(full, np.maximum(positions, 0), axis=self.axis)
+    valid = (positions >= 0).reshape(
+        [-1 if d == self.axis else 1 for d in range(x.ndim)])
+    return jnp.where(valid, ring, jnp.zeros_like(ring)), full
+
+  def step(self, ctx, ring, x):
+    slot = jnp.mod(ctx.position + self.ahead, self.window)
+    return lax.dynamic_update_slice_in_dim(ring, x.astype(ring.dtype), slot,
+                                           self.axis)
+
+
+def ring_positions(ctx, h, size):
+  """The position each ring slot holds at this step (negative: not yet
+  filled; such slots take the value of a key outside row t's window)."""
+  newest = ctx.position + h.ahead
+  positions = newest - jnp.mod(newest - jnp.arange(h.window), h.window)
+  outside = jnp.where(newest + 1 < size, newest + 1, newest - h.window)
+  return jnp.where(positions >= 0, positions, outside)
+
+
+def _make_buffer(kind, e, i, window):
+  size = e.in_avals[i].shape[kind.axis]
+  if window is None:
+    return Buffer(kind.axis, size, kind.ahead)
+  return RingBuffer(kind.axis, size, kind.ahead, window)
+
+
+def _buffer_prefill(buffer, x):
+  """(state, buffer to compute the prefill with)."""
+  if isinstance(buffer, RingBuffer):
+    return buffer.prefill_ring(x)
+  full = buffer.prefill(x)
+  return full, full
+
+
 def is_attention_contraction(e) -> bool:
   """Both operands scanned, neither scanned axis contracted nor batched."""
   if not all(is_scanned(k) for k in e.in_kinds):
@@ -69,25 +118,30 @@ def is_attention_contraction(e) -> bool:
 
 def dot_general_rule(e):
   """``q·kᵀ``: rows of the lhs against every position of the rhs. The rhs
-  joins a buffer; the scores are History with ``future=TAINTED``."""
+  joins a buffer (a ring when a later mask proved a window); the scores are
+  History with ``future=TAINTED``."""
   q, k = e.in_kinds
   dims = e.params["dimension_numbers"]
   ndims = [a.ndim for a in e.in_avals]
+  origin = id(e.eqn)
+  window = e.context.get("rings", {}).get(origin)
+  if q.ahead != k.ahead:
+    window = None
   kind = History(_dot_out_axis(dims, 0, q.axis, ndims),
                  _dot_out_axis(dims, 1, k.axis, ndims),
-                 min(q.ahead, k.ahead), TAINTED)
+                 min(q.ahead, k.ahead), TAINTED, window, origin)
   # rows may not run ahead of the keys: the buffer must hold every key <= row
   delay = DelayLine(q.axis, e.in_avals[0].shape[q.axis], k.ahead,
                     q.ahead - k.ahead) if q.ahead > k.ahead else None
-  buffer = Buffer(k.axis, e.in_avals[1].shape[k.axis], k.ahead)
+  buffer = _make_buffer(k, e, 1, window)
 
   def prefill(ctx, ins):
     qs, ks = ins
     queue = None
     if delay is not None:
       queue, qs = delay.prefill(ctx, qs)
-    buf = buffer.prefill(ks)
-    return (buf, queue), bind(e.eqn, [qs, buf])
+    state, buf = _buffer_prefill(buffer, ks)
+    return (state, queue), bind(e.eqn, [qs, buf])
 
   def step(ctx, state, ins):
     buf, queue = state
@@ -118,18 +172,18 @@ def weights_times_values_rule(e):
     raise e.refuse("it contracts the query positions of attention scores")
   if h.future != 0.0 or h.future is TAINTED:
     raise e.refuse(_why_weights_not_zero(h))
-  if v.ahead < h.ahead:
+  if v.ahead < h.ahead or (h.window is not None and v.ahead != h.ahead):
     raise e.refuse("its values run behind the attention rows")
   ndims = [a.ndim for a in e.in_avals]
   out_axis = _dot_out_axis((contract, batch), hs, h.axis, ndims)
-  buffer = Buffer(v.axis, e.in_avals[vs].shape[v.axis], v.ahead)
+  buffer = _make_buffer(v, e, vs, h.window)
 
   def ordered(weights, values):
     return [weights, values] if hs == 0 else [values, weights]
 
   def prefill(ctx, ins):
-    buf = buffer.prefill(ins[vs])
-    return buf, bind(e.eqn, ordered(ins[hs], buf))
+    state, buf = _buffer_prefill(buffer, ins[vs])
+    return state, bind(e.eqn, ordered(ins[hs], buf))
 
   def step(ctx, buf, ins):
     buf = buffer.step(ctx, buf, ins[vs])
@@ -148,13 +202,22 @@ def _why_weights_not_zero(h):
 
 
 # -- what row i holds at its future keys j > i --------------------------------
-def _future_region(shape, axis, key_axis):
-  """Boolean array broadcastable to ``shape``: True where key j > row i."""
+def _rows_keys(shape, axis, key_axis):
   rows = np.arange(shape[axis]).reshape(
       [-1 if d == axis else 1 for d in range(len(shape))])
   keys = np.arange(shape[key_axis]).reshape(
       [-1 if d == key_axis else 1 for d in range(len(shape))])
-  return keys > rows
+  return rows, keys
+
+
+def _future_region(shape, axis, key_axis, window=None):
+  """Boolean array broadcastable to ``shape``: True where key j > row i (or,
+  with a window w, outside it: j <= i - w)."""
+  rows, keys = _rows_keys(shape, axis, key_axis)
+  region = keys > rows
+  if window is not None:
+    region = region | (keys <= rows - window)
+  return region
 
 
 def _as_marker(value):
@@ -226,12 +289,37 @@ def _history_axes(e):
     raise e.refuse(f"it combines attention scores laid out differently "
                    f"({sorted(axes)})")
   (axis, key_axis), = axes
+  windows = {k.window for k in kinds}
+  if len(windows) != 1:
+    raise e.refuse("it combines attention scores with different windows")
   for k in e.in_kinds:
     if is_scanned(k) and k.axis != axis:
       raise e.refuse("it combines attention scores with a sequence scanned "
                      "along another axis")
-  return axis, key_axis, min(k.ahead for k in e.in_kinds
-                             if k is not UNSCANNED)
+  ahead = min(k.ahead for k in e.in_kinds if k is not UNSCANNED)
+  return History(axis, key_axis, ahead, TAINTED, windows.pop(),
+                 kinds[0].origin)
+
+
+def _history_pointwise(e, h, future, resize=None):
+  """Runs an equation on scores position by position; in a ring's step,
+  unscanned operands over all keys are gathered at the slots' positions."""
+  out = h.replace(future=future)
+  size = e.out_avals[0].shape[h.key_axis]
+  gathered = [i for i, (k, a) in enumerate(zip(e.in_kinds, e.in_avals))
+              if k is UNSCANNED and a.ndim and a.shape[h.key_axis] == size
+              and size > 1]
+
+  def run(ctx, ins, params):
+    if ctx.is_step and h.window is not None and gathered:
+      positions = ring_positions(ctx, h, size)
+      ins = list(ins)
+      for i in gathered:
+        ins[i] = jnp.take(ins[i], positions, axis=h.key_axis)
+    return bind(e.eqn, ins, params)
+  return pointwise(e, elementwise.broadcast_operand_axes(e, h.axis),
+                   [h.axis] * len(e.out_avals), resize, run=run,
+                   out_kinds=[out] * len(e.out_avals))
 
 
 @register(*[p for p in elementwise.ELEMENTWISE if p is not P.select_n_p],
@@ -239,26 +327,22 @@ def _history_axes(e):
 def elementwise_rule(e):
   """Elementwise ops on scores: position by position, so causal; the future
   record follows the op."""
-  axis, key_axis, ahead = _history_axes(e)
-  shape = e.out_avals[0].shape
-  region = _future_region(shape, axis, key_axis)
+  h = _history_axes(e)
+  region = _future_region(e.out_avals[0].shape, h.axis, h.key_axis, h.window)
   futures = [_operand_future(e, i, region) for i in range(len(e.in_kinds))]
   futures = [EXACT if f == "row" else f for f in futures]
-  future = _combine_future(e, futures)
-  out = History(axis, key_axis, ahead, future)
-  return pointwise(e, elementwise.broadcast_operand_axes(e, axis),
-                   [axis] * len(e.out_avals), out_kinds=[out] * len(
-                       e.out_avals))
+  return _history_pointwise(e, h, _combine_future(e, futures))
 
 
 @register(P.select_n_p, history=True)
 def select_rule(e):
   """``jnp.where(mask, scores, fill)``: the mask must be known at conversion
   time; where it picks at a future key, the picked case must be exact there.
-  Picking one constant at every future key makes the scores exact."""
-  axis, key_axis, ahead = _history_axes(e)
+  Picking one constant at every future key makes the scores exact. Also
+  records the window the mask proves (keys older than w picked as fill)."""
+  h = _history_axes(e)
   shape = e.out_avals[0].shape
-  region = _future_region(shape, axis, key_axis)
+  region = _future_region(shape, h.axis, h.key_axis, h.window)
   if e.in_kinds[0] is not UNSCANNED:
     raise e.refuse("its mask depends on the scanned input")
   mask = e.known(0)
@@ -268,38 +352,55 @@ def select_rule(e):
         "check at conversion time that it removes the future positions")
   full = np.broadcast_shapes(mask.shape, region.shape)
   choice = np.broadcast_to(mask, full).astype(np.int64)
-  future_mask = np.broadcast_to(region, full)
-  picked = []
+  in_region = np.broadcast_to(region, full)
+  picked, fill_like = [], np.zeros(full, bool)
   for case in range(1, len(e.in_kinds)):
-    where = future_mask & (choice == case - 1)
+    where = in_region & (choice == case - 1)
     if not where.any():
       continue
     f = _operand_future(e, case, region)
     if f is TAINTED:
       index = np.argwhere(where)[0]
-      raise e.refuse(
-          f"its mask keeps key {index[key_axis]} for query "
-          f"{index[axis]}: a future position (a causal mask keeps key j for "
-          "query i only when j <= i)")
-    if isinstance(f, float) and e.known(case) is not None:
-      value = np.broadcast_to(e.known(case), np.broadcast_shapes(
-          e.known(case).shape, full))[where]
-      f = float(value.flat[0]) if np.all(value == value.flat[0]) else EXACT
+      which = ("a future position (a causal mask keeps key j for query i "
+               "only when j <= i)" if index[h.key_axis] > index[h.axis] else
+               f"outside the window of {h.window}")
+      raise e.refuse(f"its mask keeps key {index[h.key_axis]} for query "
+                     f"{index[h.axis]}: {which}")
+    value = e.known(case)
+    if value is not None:
+      value = np.broadcast_to(value, np.broadcast_shapes(value.shape, full))
+      picked_values = value[where]
+      f = (float(picked_values.flat[0])
+           if np.all(picked_values == picked_values.flat[0]) else EXACT)
+      if isinstance(f, float):
+        same = value == f if not _is_neg(f) else value <= NEG_THRESHOLD
+        fill_like |= (choice == case - 1) & same
     picked.append(EXACT if f == "row" else f)
+  future = _picked_future(picked)
+  if h.window is None and (future is NEG or isinstance(future, float)):
+    _record_window(e, h, fill_like, full)
+  return _history_pointwise(e, h, future)
+
+
+def _picked_future(picked):
   if not picked:
-    future = EXACT
-  elif all(_is_neg(f) for f in picked):
-    future = NEG if not all(isinstance(f, float) for f in picked) or len(
-        set(picked)) > 1 else picked[0]
-  elif all(isinstance(f, float) for f in picked) and len(set(picked)) == 1:
-    future = picked[0]
-  else:
-    future = EXACT
-  if isinstance(future, float):
-    future = _as_marker(future) if future <= NEG_THRESHOLD else future
-  out = History(axis, key_axis, ahead, future)
-  return pointwise(e, elementwise.broadcast_operand_axes(e, axis), [axis],
-                   out_kinds=[out])
+    return EXACT
+  if all(isinstance(f, float) for f in picked) and len(set(picked)) == 1:
+    return _as_marker(picked[0])
+  if all(_is_neg(f) for f in picked):
+    return NEG
+  return EXACT
+
+
+def _record_window(e, h, fill_like, shape):
+  """Records the smallest w with every key j <= i - w picked as fill."""
+  rows, keys = _rows_keys(shape, h.axis, h.key_axis)
+  kept = ~fill_like & np.broadcast_to(keys <= rows, shape)
+  distance = np.broadcast_to(rows - keys, shape)[kept]
+  window = int(distance.max()) + 1 if distance.size else 1
+  if window < shape[h.key_axis]:
+    windows = e.context.setdefault("windows", {})
+    windows[h.origin] = max(windows.get(h.origin, 0), window)
 
 
 # -- structure and reductions on scores ---------------------------------------
@@ -332,7 +433,7 @@ def structural_rule(e):
 
   def resize(params, n):
     return dict(params, **{key: with_size(params[key], axis, n)})
-  out = History(axis, key_axis, h.ahead, h.future)
+  out = h.replace(axis=axis, key_axis=key_axis)
   return pointwise(e, [h.axis] + [None] * (len(e.in_avals) - 1), [axis],
                    resize if key else None, out_kinds=[out])
 
@@ -355,11 +456,16 @@ def reduce_rule(e):
       raise e.refuse(
           f"{name} reduces over every position of the sequence (the keys of "
           "q·kᵀ) and no causal mask removes the future positions first")
+    if h.window is not None and not (
+        (name == "reduce_max" and h.future is NEG) or
+        (name == "reduce_sum" and h.future == 0.0)):
+      raise e.refuse(f"{name} over a window's ring of keys would miss the "
+                     "positions outside the window")
     return pointwise(e, [h.axis], [new_axis])
   new_key = h.key_axis - sum(d < h.key_axis for d in axes)
   future = h.future if h.future in (TAINTED, 0.0) and name == (
       "reduce_sum") or h.future is TAINTED else EXACT
-  out = History(new_axis, new_key, h.ahead, future)
+  out = h.replace(axis=new_axis, key_axis=new_key, future=future)
   return pointwise(e, [h.axis], [new_axis], out_kinds=[out])
 
 
@@ -368,3 +474,18 @@ def reduce_rule(e):
 def call_rule(e):
   """Calls on scores convert their body (``jnp.where`` is a jit)."""
   return calls.call_rule(e)
+
+
+def convert_with_windows(convert):
+  """Converts twice when a mask proved a sliding window: ``convert(context)``
+  first records the windows, then builds rings of that size, checked again
+  against the keys outside the window. Falls back to full buffers when that
+  second check fails."""
+  context = {}
+  converted = convert(context)
+  if not context.get("windows"):
+    return converted
+  try:
+    return convert({"rings": context["windows"]})
+  except ScanConversionError:
+    return converted

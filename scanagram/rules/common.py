@@ -66,7 +66,7 @@ def pointwise(e,
     out_axes: each output's time axis.
     resize: ``resize(params, n)`` gives the params for a time extent of n, for
       primitives whose params hold shapes.
-    run: ``run(ins, params) -> outs`` instead of binding the primitive.
+    run: ``run(ctx, ins, params) -> outs`` instead of binding the primitive.
     out_kinds: the output kinds, when not ``Scanned(out_axes[j], ahead)``
       (attention scores keep their History kind).
 
@@ -80,7 +80,7 @@ def pointwise(e,
       for i in scanned if e.in_kinds[i].ahead > ahead
   }
   out_size = e.out_avals[0].shape[out_axes[0]]
-  run = run or (lambda ins, params: bind(e.eqn, ins, params))
+  run = run or (lambda ctx, ins, params: bind(e.eqn, ins, params))
 
   def apply(ctx, ins):
     ins = list(ins)
@@ -90,7 +90,7 @@ def pointwise(e,
     params = e.params
     if resize is not None:
       params = resize(params, ctx.block(out_size, ahead)[1])
-    return run(ins, params)
+    return run(ctx, ins, params)
 
   if out_kinds is None:
     out_kinds = tuple(Scanned(a, ahead) for a in out_axes)
