@@ -171,3 +171,165 @@ def test_bfloat16_and_bool():
   m = torch.tensor([True, False, True])
   y = f(x, m)
   assert y.dtype == torch.bfloat16 and y.tolist() == [1.5, 0.0, 3.5]
+
+
+# -- a small causal model ------------------------------------------------------
+B, T, D, H = 2, 8, 3, 4
+
+
+def _causal_model(params, xs):
+  """xs: [B, T, D] (batch-major, time axis 1) -> {"y": [B, T, H],
+  "n": [B, T] int32}: a causal 2-tap convolution, tanh, a running sum."""
+  prev = jnp.pad(xs, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+  h = jnp.tanh(xs @ params["w0"] + prev @ params["w1"] + params["b"])
+  y = jnp.cumsum(h, axis=1)
+  return {"y": y, "n": jnp.cumsum((h[..., 0] > 0).astype(jnp.int32), axis=1)}
+
+
+def _params(seed=0):
+  k0, k1, k2 = jax.random.split(jax.random.key(seed), 3)
+  return {"w0": jax.random.normal(k0, (D, H)),
+          "w1": jax.random.normal(k1, (D, H)),
+          "b": jax.random.normal(k2, (H,))}
+
+
+class _ShimPair:
+  """The StepPair interface of adapters.haiku, for a plain fun(params, xs)."""
+  has_state = False
+
+  def __init__(self, fun, params, xs, axis):
+    import scanagram
+    self.axis = axis
+    self.fns = scanagram.to_step(fun, params, xs, in_axes=(None, axis),
+                                 out_axes=axis)
+    self.length = self.fns.length
+    self.xs_spec = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), xs)
+
+  def init(self, params):
+    return self.fns.init(params)
+
+  def prefill(self, params, prompt):
+    return self.fns.prefill(params, prompt)
+
+  def step(self, params, carry, x):
+    return self.fns.step(params, carry, x)
+
+  def carry_spec(self):
+    return self.fns.carry_spec()
+
+
+def _pair(fun, params, xs, axis):
+  return _ShimPair(fun, params, xs, axis)
+
+
+@pytest.fixture(scope="module")
+def model():
+  params = _params()
+  xs = jax.random.normal(jax.random.key(1), (B, T, D))
+  pair = _pair(_causal_model, params, xs, axis=1)
+  return pair, params, xs, _causal_model(params, xs)
+
+
+def _t(x):
+  return torch.from_dlpack(x)
+
+
+def _time(tree, sl):
+  return jax.tree.map(lambda a: a[:, sl], tree)
+
+
+# -- TorchStepper --------------------------------------------------------------
+from adapters.torch import TorchStepper, export_step, load_step  # noqa: E402
+
+
+@pytest.mark.parametrize("p", [0, 3, T])
+def test_stepper_prefill_steps_and_run_equal_the_model(model, p):
+  pair, params, xs, want = model
+  stepper = TorchStepper(pair, params)
+  out = stepper.reset(_t(xs[:, :p]))
+  assert isinstance(out["y"], torch.Tensor) and out["n"].dtype == torch.int32
+  assert out["y"].shape == (B, p, H)
+  _close(out, _time(want, slice(0, p)))
+  for t in range(p, min(p + 2, T)):
+    y = stepper(_t(xs[:, t]))
+    _close(y, _time(want, t))
+  if p + 2 < T:
+    ys = stepper.run(_t(xs[:, p + 2:]))
+    assert ys["y"].shape == (B, T - p - 2, H)
+    _close(ys, _time(want, slice(p + 2, T)))
+  assert stepper.position == T
+
+
+def test_stepper_without_prompt_and_run_in_pieces(model):
+  pair, params, xs, want = model
+  stepper = TorchStepper(pair, params)
+  assert stepper.reset() is None and stepper.position == 0
+  a = stepper.run(_t(xs[:, :5]))
+  b = stepper.run(_t(xs[:, 5:]))
+  _close(jax.tree.map(lambda u, v: torch.cat([u, v], 1), a, b), want)
+  stepper.reset()                          # reset starts over
+  _close(stepper(_t(xs[:, 0])), _time(want, 0))
+
+
+def test_stepper_donates_the_carry(model):
+  pair, params, xs, _ = model
+  stepper = TorchStepper(pair, params)
+  stepper.reset(_t(xs[:, :2]))
+  old = stepper.carry
+  stepper(_t(xs[:, 2]))
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old))
+  old = stepper.carry
+  stepper.run(_t(xs[:, 3:5]))
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old))
+
+
+def test_stepper_takes_torch_parameters_and_non_contiguous_inputs(model):
+  pair, params, xs, want = model
+  torch_params = jax.tree.map(lambda a: torch.tensor(np.asarray(a)), params)
+  stepper = TorchStepper(pair, torch_params)
+  x_t = torch.tensor(np.asarray(xs[:, 0]).T.copy()).t()   # a transposed view
+  assert not x_t.is_contiguous()
+  _close(stepper(x_t), _time(want, 0))
+
+
+def test_stepper_refuses_bad_inputs_saying_expected_and_got(model):
+  pair, params, xs, _ = model
+  stepper = TorchStepper(pair, params)
+  with pytest.raises(ValueError, match=r"expected shape \(2, 3\), got "
+                     r"\(2, 4\)"):
+    stepper(torch.zeros(B, D + 1))
+  with pytest.raises(ValueError, match="expected 3 dimensions"):
+    stepper.run(torch.zeros(B, D))
+  with pytest.raises(TypeError, match="expected dtype float32, got float64"):
+    stepper(torch.zeros(B, D, dtype=torch.float64))
+  with pytest.raises(TypeError, match="expected dtype float32, got int32"):
+    stepper.run(torch.zeros(B, 2, D, dtype=torch.int32))
+  with pytest.raises(TypeError, match="expected a torch.Tensor"):
+    stepper(3.0)
+  with pytest.raises(TypeError, match="structure"):
+    stepper((torch.zeros(B, D),))
+  with pytest.raises(ValueError, match=f"between 0 and {T}.*got {T + 1}"):
+    stepper.reset(torch.zeros(B, T + 1, D))
+  with pytest.raises(ValueError, match="meta"):
+    stepper(torch.zeros(B, D, device="meta"))
+  assert stepper.position == 0             # nothing was consumed
+  stepper.run(_t(xs[:, :T - 1]))
+  with pytest.raises(ValueError, match=f"between 1 and 1.*got 2"):
+    stepper.run(_t(xs[:, :2]))
+  stepper(_t(xs[:, 0]))
+  with pytest.raises(ValueError, match=f"at most L={T}"):
+    stepper(_t(xs[:, 0]))
+
+
+def test_stepper_accepts_int64_for_int32_inputs():
+  def model_fn(table, ids):                # ids: [B, T] int32
+    return jnp.cumsum(jax.nn.one_hot(ids, 10) @ table, axis=1)
+
+  table = jnp.arange(10.0 * 2).reshape(10, 2)
+  ids = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]], jnp.int32)
+  stepper = TorchStepper(_pair(model_fn, table, ids, axis=1), table)
+  ys = stepper.run(torch.tensor(np.asarray(ids), dtype=torch.int64))
+  _close(ys, model_fn(table, ids))
+  with pytest.raises(TypeError, match="expected dtype int32, got float32"):
+    stepper.reset(torch.zeros(2, 1))
