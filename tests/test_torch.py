@@ -333,3 +333,95 @@ def test_stepper_accepts_int64_for_int32_inputs():
   _close(ys, model_fn(table, ids))
   with pytest.raises(TypeError, match="expected dtype int32, got float32"):
     stepper.reset(torch.zeros(2, 1))
+
+
+# -- export_step / load_step ---------------------------------------------------
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_LOADER = textwrap.dedent("""
+    import sys
+
+    class _Block:                      # `import haiku` fails in this process
+      def find_spec(self, name, path=None, target=None):
+        if name == "haiku" or name.startswith("haiku."):
+          raise ImportError("haiku is blocked in this process")
+    sys.meta_path.insert(0, _Block())
+    sys.path.insert(0, {root!r})
+    try:
+      import haiku  # noqa: F401
+      raise SystemExit("haiku should not be importable here")
+    except ImportError:
+      pass
+    import numpy as np, torch
+    from adapters.torch import load_step
+
+    data = dict(np.load({inputs!r}))
+    stepper = load_step({path!r})
+    out = {{}}
+    prefill = stepper.reset(torch.from_numpy(data["prompt"]))
+    out["prefill_y"], out["prefill_n"] = prefill["y"], prefill["n"]
+    y = stepper(torch.from_numpy(data["x"]))
+    out["step_y"], out["step_n"] = y["y"], y["n"]
+    ys = stepper.run(torch.from_numpy(data["rest"]))
+    out["run_y"], out["run_n"] = ys["y"], ys["n"]
+    stepper.reset()
+    out["full_y"] = stepper.run(torch.from_numpy(data["all"]))["y"]
+    try:
+      stepper.reset(torch.from_numpy(data["all"][:, :1]))
+      out["refused"] = np.array(False)
+    except ValueError as e:
+      out["refused"] = np.array("prompt lengths" in str(e))
+    assert "haiku" not in sys.modules or sys.modules["haiku"] is None
+    np.savez({outputs!r}, **{{k: np.asarray(v) for k, v in out.items()}})
+""")
+
+
+def test_export_loads_in_a_process_without_haiku_or_model_code(model,
+                                                               tmp_path):
+  pair, params, xs, want = model
+  p = 3
+  path = str(tmp_path / "step.zip")
+  assert export_step(pair, params, path, prompt_lengths=(p, 5)) == path
+  inputs, outputs = str(tmp_path / "in.npz"), str(tmp_path / "out.npz")
+  np.savez(inputs, prompt=np.asarray(xs[:, :p]), x=np.asarray(xs[:, p]),
+           rest=np.asarray(xs[:, p + 1:]), all=np.asarray(xs))
+  code = _LOADER.format(root=_ROOT, inputs=inputs, path=path,
+                        outputs=outputs)
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, env=env, cwd=str(tmp_path), timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  got = dict(np.load(outputs))
+  for key in ("y", "n"):
+    _close(got[f"prefill_{key}"], want[key][:, :p])
+    _close(got[f"step_{key}"], want[key][:, p])
+    _close(got[f"run_{key}"], want[key][:, p + 1:])
+  _close(got["full_y"], want["y"])
+  # the prefill is exported per length unless it is shape-polymorphic
+  import json
+  import zipfile
+  meta = json.loads(zipfile.ZipFile(path).read("meta.json"))
+  if not meta["prefill"]["symbolic"]:
+    assert meta["prefill"]["lengths"] == [p, 5]
+    assert bool(got["refused"])
+
+
+def test_loaded_stepper_in_process_equals_the_live_one(model, tmp_path):
+  pair, params, xs, want = model
+  path = str(tmp_path / "step.zip")
+  export_step(pair, params, path, prompt_lengths=(T,))
+  loaded = load_step(path)
+  assert loaded.axis == 1 and loaded.length == T
+  _close(loaded.reset(_t(xs)), want)
+  empty = loaded.reset(_t(xs[:, :0]))      # length 0: served by init
+  assert empty["y"].shape == (B, 0, H)
+  _close(loaded(_t(xs[:, 0])), _time(want, 0))
+  with pytest.raises(ValueError, match=r"expected shape \(2, 3\)"):
+    loaded(torch.zeros(B, D + 1))
+  # parameters are stored beside the functions, not baked in
+  assert len(loaded.pair.params) == len(jax.tree.leaves(params))
