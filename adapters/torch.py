@@ -413,7 +413,7 @@ class TorchStepper:
 
   Example:
     >>> import jax.numpy as jnp, torch
-    >>> from adapters.haiku import to_step
+    >>> from adapters.haiku import to_step                     # doctest: +SKIP
     >>> pair = to_step(lambda w, xs: jnp.cumsum(xs @ w, axis=0),
     ...                jnp.ones((8, 2)), params=jnp.ones((2, 2)))  # doctest: +SKIP
     >>> stepper = TorchStepper(pair, jnp.eye(2))                  # doctest: +SKIP
