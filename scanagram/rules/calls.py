@@ -40,3 +40,22 @@ def convert_call(e, body, in_kinds=None, in_known=None) -> Converted:
 def call_rule(e):
   """Causal when the called function is."""
   return convert_call(e, _body(e))
+
+
+@register(P.linear_solve_p)
+def linear_solve_rule(e):
+  """``custom_linear_solve`` (``jnp.linalg.solve``): runs its ``solve``
+  jaxpr on the solve consts and the right-hand side; causal when that is."""
+  lengths = e.params["const_lengths"]
+  start = lengths.matvec + lengths.vecmat
+  picked = list(range(start, start + lengths.solve)) + list(
+      range(sum(lengths), len(e.in_kinds)))
+  kinds = [e.in_kinds[i] for i in picked]
+  known = [e.known_thunks()[i] for i in picked]
+  converted = convert_call(e, e.params["jaxprs"].solve, kinds, known)
+
+  def pick(ins):
+    return [ins[i] for i in picked]
+  return converted._replace(
+      prefill=lambda ctx, ins: converted.prefill(ctx, pick(ins)),
+      step=lambda ctx, state, ins: converted.step(ctx, state, pick(ins)))
