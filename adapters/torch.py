@@ -32,6 +32,7 @@ How tensors cross (the same rules everywhere in this module):
 import functools
 import io
 import json
+import weakref
 import zipfile
 from typing import Any, Callable, Optional, Sequence
 
@@ -374,20 +375,17 @@ class _Compiled:
 
 
 def _compiled_for(pair):
-  cached = _compiled_cache.get(id(pair))
-  if cached is not None and cached[0]() is pair:
-    return cached[1]
-  compiled = _Compiled(pair)
+  """One :class:`_Compiled` per pair, shared by its steppers."""
   try:
-    import weakref
-    ref = weakref.ref(pair, lambda _, i=id(pair): _compiled_cache.pop(i, None))
-    _compiled_cache[id(pair)] = (ref, compiled)
-  except TypeError:
-    pass
+    compiled = _compiled_cache.get(pair)
+  except TypeError:                      # not hashable or not weak-referable
+    return _Compiled(pair)
+  if compiled is None:
+    compiled = _compiled_cache[pair] = _Compiled(pair)
   return compiled
 
 
-_compiled_cache = {}
+_compiled_cache = weakref.WeakKeyDictionary()
 
 
 class TorchStepper:
