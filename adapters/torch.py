@@ -357,19 +357,23 @@ class _Compiled:
 
   def __init__(self, pair):
     axis = pair.axis
-    run_body = getattr(pair, "_run", None)
+    try:      # a weak reference: the per-pair cache must not keep pairs alive
+      pair_ref = weakref.ref(pair)
+    except TypeError:
+      pair_ref = lambda: pair  # noqa: E731
 
     def run(unscanned, carry, xs):
-      if run_body is not None:
-        return run_body(*unscanned, carry, xs)
+      pair = pair_ref()
+      if hasattr(pair, "_run"):            # an ExportedPair: its exported run
+        return pair._run(*unscanned, carry, xs)
       xs = jax.tree.map(lambda x: jnp.moveaxis(x, axis, 0), xs)
       carry, ys = lax.scan(lambda c, x: pair.step(*unscanned, c, x), carry,
                            xs)
       return carry, jax.tree.map(lambda y: jnp.moveaxis(y, 0, axis), ys)
 
-    self.init = jax.jit(lambda u: pair.init(*u))
-    self.prefill = jax.jit(lambda u, prompt: pair.prefill(*u, prompt))
-    self.step = jax.jit(lambda u, carry, x: pair.step(*u, carry, x),
+    self.init = jax.jit(lambda u: pair_ref().init(*u))
+    self.prefill = jax.jit(lambda u, prompt: pair_ref().prefill(*u, prompt))
+    self.step = jax.jit(lambda u, carry, x: pair_ref().step(*u, carry, x),
                         donate_argnums=1)
     self.run = jax.jit(run, donate_argnums=1)
 
