@@ -32,6 +32,8 @@ def test_pooling_and_approx_top_k_over_other_axes():
   check_scan(lambda x: lax.reduce_window(x, 0., lax.add, (1, 1, 2),
                                          (1, 1, 1), "VALID"), X)
   check_scan(lambda x: lax.approx_max_k(x, 1)[0], X)
+  check_scan(lambda x: lax.reduce_window(x, 1., lax.mul, (1, 2, 1),
+                                         (1, 1, 1), "SAME"), X)
 
 
 def test_along_the_scanned_axis_refused():

@@ -135,19 +135,22 @@ def dot_general_rule(e):
                     q.ahead - k.ahead) if q.ahead > k.ahead else None
   buffer = _make_buffer(k, e, 1, window)
 
+  # state: the key buffer, and the queue of delayed rows if any
   def prefill(ctx, ins):
     qs, ks = ins
-    queue = None
-    if delay is not None:
-      queue, qs = delay.prefill(ctx, qs)
     state, buf = _buffer_prefill(buffer, ks)
+    if delay is None:
+      return state, bind(e.eqn, [qs, buf])
+    queue, qs = delay.prefill(ctx, qs)
     return (state, queue), bind(e.eqn, [qs, buf])
 
   def step(ctx, state, ins):
-    buf, queue = state
     qs, ks = ins
-    if delay is not None:
-      queue, qs = delay.step(queue, qs)
+    if delay is None:
+      buf = buffer.step(ctx, state, ks)
+      return buf, bind(e.eqn, [qs, buf])
+    buf, queue = state
+    queue, qs = delay.step(queue, qs)
     buf = buffer.step(ctx, buf, ks)
     return (buf, queue), bind(e.eqn, [qs, buf])
   return Converted([kind], prefill, step, True)

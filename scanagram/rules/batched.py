@@ -7,7 +7,7 @@ on their own.
 from jax.extend.core import primitives as P
 
 from scanagram.interpreter import register
-from scanagram.kinds import is_scanned
+from scanagram.kinds import UNSCANNED, is_scanned
 from scanagram.rules.common import pointwise
 
 # primitive -> number of trailing axes it acts on
@@ -59,14 +59,22 @@ def approx_top_k_rule(e):
   return pointwise(e, [axis], [axis] * len(e.out_avals))
 
 
-@register(P.reduce_window_sum_p, P.reduce_window_max_p, P.reduce_window_min_p)
+@register(P.reduce_window_sum_p, P.reduce_window_max_p, P.reduce_window_min_p,
+          P.reduce_window_p)
 def reduce_window_rule(e):
   """Pooling: causal when its window along the scanned axis is one element
-  with stride 1 and no padding there."""
-  axis = e.in_kinds[0].axis
+  with stride 1 and no padding there. (``reduce_window`` with a custom
+  computation takes its operands, then their scalar init values.)"""
+  n = len(e.out_avals)
+  if any(k is not UNSCANNED for k in e.in_kinds[n:]) and (
+      e.primitive is P.reduce_window_p):
+    raise e.refuse("its init value depends on the scanned input")
+  axis = next(k.axis for k in e.in_kinds if is_scanned(k))
   p = e.params
   if (p["window_dimensions"][axis], p["window_strides"][axis],
       tuple(p["padding"][axis]), p["base_dilation"][axis],
       p["window_dilation"][axis]) != (1, 1, (0, 0), 1, 1):
     raise e.refuse(f"{e.primitive.name} pools along the scanned axis {axis}")
+  if e.primitive is P.reduce_window_p:
+    return pointwise(e, [axis] * n + [None] * n, [axis] * n)
   return pointwise(e, [axis], [axis])
