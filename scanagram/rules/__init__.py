@@ -1,3 +1,3 @@
 """Rules, one module per primitive family; importing this registers them."""
 from scanagram.rules import (attention, batched, calls, control_flow, elementwise,
-                             linalg, reductions, shifts, structural)
+                             indexing, linalg, reductions, shifts, structural)
