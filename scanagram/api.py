@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.extend import core as jex_core
 
 from scanagram import rules  # noqa: F401  (registers the rules)
-from scanagram.errors import ScanConversionError
+from scanagram.errors import ScanConversionError, refusal
 from scanagram.interpreter import ConvertedJaxpr, Prefill, Step, time_block
 from scanagram.kinds import UNSCANNED, Scanned
 from scanagram.rules import attention
@@ -64,6 +65,7 @@ class StepFunctions:
     self._converted = attention.convert_with_windows(
         lambda context: ConvertedJaxpr(closed.jaxpr, closed.consts, in_kinds,
                                        context=context))
+    self._jaxpr = closed.jaxpr
     self._outputs = [self._output_rule(i, k, v.aval) for i, (k, v) in
                      enumerate(zip(self._converted.out_kinds,
                                    closed.jaxpr.outvars))]
@@ -82,8 +84,13 @@ class StepFunctions:
             f"(shape {aval.shape})")
       return (out_axis, None)
     if not isinstance(kind, Scanned):
-      raise ScanConversionError(
-          f"output {i} is {kind}: it depends on the whole sequence")
+      why = f"output {i} depends on the whole sequence"
+      origin = _find_eqn(self._jaxpr, getattr(kind, "origin", None))
+      if origin is not None:  # attention scores with no causal mask
+        raise refusal(origin, "it pairs every position of one sequence with "
+                      "every position of another (an outer product over "
+                      f"time) and no causal mask follows it; {why}")
+      raise ScanConversionError(f"{why} ({kind})")
     line = None
     if kind.ahead:
       line = DelayLine(kind.axis, aval.shape[kind.axis], 0, kind.ahead)
@@ -228,6 +235,24 @@ class StepFunctions:
                          f"{tuple(np.shape(x))}")
       if jnp.dtype(_dtype(x)) != s.dtype:
         raise TypeError(f"{name}: expected dtype {s.dtype}, got {_dtype(x)}")
+
+
+def _find_eqn(jaxpr, eqn_id):
+  """The equation with ``id(eqn) == eqn_id`` in ``jaxpr`` or its sub-jaxprs,
+  or None."""
+  if eqn_id is None:
+    return None
+  for eqn in jaxpr.eqns:
+    if id(eqn) == eqn_id:
+      return eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        sub = getattr(sub, "jaxpr", sub)
+        if isinstance(sub, jex_core.Jaxpr):
+          found = _find_eqn(sub, eqn_id)
+          if found is not None:
+            return found
+  return None
 
 
 def _with_len(shape, axis, n):
