@@ -346,6 +346,18 @@ def _element_spec(pair):
       return jax.tree.map(
           lambda s: _drop_axis(jax.ShapeDtypeStruct(s.shape, s.dtype),
                                pair.axis), spec)
+  # A pair wrapping scanagram's StepFunctions: its scanned argument's spec.
+  for value in vars(pair).values() if hasattr(pair, "__dict__") else ():
+    in_specs = getattr(value, "_in_specs", None)
+    in_axes = getattr(value, "in_axes", None)
+    if in_specs is None or in_axes is None:
+      continue
+    examples = jax.tree.unflatten(value._in_tree, in_specs)
+    scanned = [(ex, ax) for ex, ax in zip(examples, in_axes)
+               if ax is not None]
+    if len(scanned) == 1:
+      ex, ax = scanned[0]
+      return jax.tree.map(lambda s: _drop_axis(s, ax), ex)
   raise TypeError(f"{type(pair).__name__} does not tell the shape of its "
                   "input (no element_spec / xs_spec attribute)")
 

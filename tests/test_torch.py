@@ -328,7 +328,9 @@ def test_stepper_accepts_int64_for_int32_inputs():
 
   table = jnp.arange(10.0 * 2).reshape(10, 2)
   ids = jnp.array([[1, 2, 3, 4], [5, 6, 7, 8]], jnp.int32)
-  stepper = TorchStepper(_pair(model_fn, table, ids, axis=1), table)
+  pair = _pair(model_fn, table, ids, axis=1)
+  del pair.xs_spec        # the element spec is read from scanagram's to_step
+  stepper = TorchStepper(pair, table)
   ys = stepper.run(torch.tensor(np.asarray(ids), dtype=torch.int64))
   _close(ys, model_fn(table, ids))
   with pytest.raises(TypeError, match="expected dtype int32, got float32"):
@@ -425,3 +427,36 @@ def test_loaded_stepper_in_process_equals_the_live_one(model, tmp_path):
     loaded(torch.zeros(B, D + 1))
   # parameters are stored beside the functions, not baked in
   assert len(loaded.pair.params) == len(jax.tree.leaves(params))
+
+
+# -- with adapters.haiku -------------------------------------------------------
+def _haiku_pair():
+  hk = pytest.importorskip("haiku")
+  adapters_haiku = pytest.importorskip("adapters.haiku")
+
+  def forward(xs):                         # xs: [B, T, D], batch-major
+    h = hk.Conv1D(H, kernel_shape=3, padding=hk.pad.causal)(xs)
+    h = jax.nn.relu(h)
+    lstm = hk.LSTM(H)
+    ys, _ = hk.dynamic_unroll(lstm, h, lstm.initial_state(B),
+                              time_major=False)
+    return hk.Linear(2)(ys)
+
+  model = hk.without_apply_rng(hk.transform(forward))
+  xs = jax.random.normal(jax.random.key(2), (B, T, D))
+  params = model.init(jax.random.key(3), xs)
+  pair = adapters_haiku.to_step(model, xs, axis=1)
+  return pair, params, xs, model.apply(params, xs)
+
+
+def test_haiku_conv_lstm_through_stepper_and_export(tmp_path):
+  pair, params, xs, want = _haiku_pair()
+  stepper = TorchStepper(pair, params)
+  _close(stepper.reset(_t(xs[:, :3])), want[:, :3], 1e-4)
+  _close(stepper(_t(xs[:, 3])), want[:, 3], 1e-4)
+  _close(stepper.run(_t(xs[:, 4:])), want[:, 4:], 1e-4)
+  path = str(tmp_path / "hk.zip")
+  export_step(pair, params, path, prompt_lengths=(3,))
+  loaded = load_step(path)
+  _close(loaded.reset(_t(xs[:, :3])), want[:, :3], 1e-4)
+  _close(loaded.run(_t(xs[:, 3:])), want[:, 3:], 1e-4)
