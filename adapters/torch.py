@@ -30,11 +30,10 @@ How tensors cross (the same rules everywhere in this module):
   or ``meta``) is refused with a ValueError.
 """
 import functools
-import io
 import json
 import weakref
 import zipfile
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
