@@ -221,6 +221,8 @@ def cond_rule(e):
 
   def step(ctx, states, ins):
     index, ops = ins[0], ins[1:]
+    if states is None:  # stateless: the interpreter keeps no state for it
+      states = [{} for _ in subs]
 
     def branch(i):
       def run(states, ops):
