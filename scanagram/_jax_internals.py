@@ -6,7 +6,8 @@ Both are small, stable corners of JAX; keeping them here means a JAX upgrade
 that moves them breaks one file.
 """
 from jax._src import source_info_util
-from jax._src.lax.lax import split_p  # jnp.split's primitive; not re-exported
+# jnp.split's and jnp.stack's primitives; not re-exported
+from jax._src.lax.lax import split_p, stack_p, unstack_p
 from jax.interpreters import ad, batching, mlir
 
 
@@ -25,5 +26,5 @@ def name_stack(source_info) -> str:
   return str(stack) if stack is not None else ""
 
 
-__all__ = ["user_source_line", "name_stack", "split_p", "ad", "batching",
-           "mlir"]
+__all__ = ["user_source_line", "name_stack", "split_p", "stack_p",
+           "unstack_p", "ad", "batching", "mlir"]

@@ -7,6 +7,7 @@ import math
 
 from jax.extend.core import primitives as P
 
+from scanagram import _jax_internals
 from scanagram.interpreter import register
 from scanagram.rules.common import pointwise, with_size
 from scanagram.rules.elementwise import scanned_axis
@@ -107,3 +108,24 @@ def dynamic_update_slice_rule(e):
         f"it writes {update.shape[axis]} of the {operand.shape[axis]} "
         f"elements along the scanned axis {axis} at a position")
   return pointwise(e, [axis, axis] + [None] * (len(e.in_avals) - 2), [axis])
+
+
+@register(_jax_internals.stack_p)
+def stack_rule(e):
+  """Causal: stacking inserts a new axis, the scanned one moves past it when
+  it comes at or after ``axis``."""
+  axis = scanned_axis(e)
+  new = e.params["axis"]
+  return pointwise(e, [axis] * len(e.in_avals), [axis + (axis >= new)])
+
+
+@register(_jax_internals.unstack_p)
+def unstack_rule(e):
+  """Causal unless it unstacks along the scanned axis (each piece would be
+  one position of the sequence)."""
+  axis = e.in_kinds[0].axis
+  gone = e.params["axis"]
+  if gone == axis:
+    raise e.refuse(f"it unstacks the scanned axis {axis} into one value per "
+                   "position")
+  return pointwise(e, [axis], [axis - (axis > gone)] * len(e.out_avals))
