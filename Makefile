@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 tests scanagram adapters README.md
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(PY) examples/transformer.py
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

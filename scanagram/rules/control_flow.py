@@ -71,10 +71,11 @@ def _scan_along_time(e):
     ins = block(ctx, ins)
     n = ctx.block(length, ahead)[1]
     outs = bind(e.eqn, ins, dict(e.params, length=n))
-    return (outs[:n_carry], queues), outs
+    # state: the scan's carry (and delay lines of xs running ahead, if any)
+    return ((outs[:n_carry], queues) if lines else outs[:n_carry]), outs
 
   def step(ctx, state, ins):
-    carry, queues = state
+    carry, queues = state if lines else (state, {})
     ins, new_queues = list(ins), {}
     for i, line in lines.items():
       new_queues[i], ins[i] = line.step(queues[i], ins[i])
@@ -82,7 +83,8 @@ def _scan_along_time(e):
     x = [a[0] for a in ins[n_consts + n_carry:]]
     outs = jex_core.jaxpr_as_fun(body)(*ins[:n_consts], *carry, *x)
     carry, ys = outs[:n_carry], [y[None] for y in outs[n_carry:]]
-    return (carry, new_queues), list(carry) + ys
+    new_state = (carry, new_queues) if lines else carry
+    return new_state, list(carry) + ys
   return Converted(out_kinds, prefill, step, True)
 
 
