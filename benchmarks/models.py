@@ -1,0 +1,70 @@
+"""The training-mode Haiku models the benchmarks convert.
+
+Each is written once, batch-major (``xs: [B, T, ...]``, time axis 1), the
+way a Haiku user writes it for training. :mod:`benchmarks.baselines` writes
+the same math again by hand as a step, reading the parameters these models
+create, so that both sides run the same parameters.
+"""
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+
+# -- LSTM ----------------------------------------------------------------------
+def lstm(hidden: int) -> hk.Transformed:
+  """xs: [B, T, D] -> ys: [B, T, hidden], one ``hk.LSTM`` unrolled with
+  ``hk.dynamic_unroll`` (batch-major) from a zero state."""
+  def forward(xs):
+    core = hk.LSTM(hidden)
+    state = core.initial_state(xs.shape[0])
+    ys, _ = hk.dynamic_unroll(core, xs, state, time_major=False)
+    return ys
+  return hk.transform(forward)
+
+
+# -- WaveNet -------------------------------------------------------------------
+def wavenet_dilations(layers: int):
+  return [2 ** i for i in range(layers)]
+
+
+def wavenet(channels: int, layers: int, out_dim: int) -> hk.Transformed:
+  """xs: [B, T, D] -> ys: [B, T, out_dim]: a stack of dilated causal
+  convolutions (kernel 2, dilation 1, 2, 4, ...), gated activations,
+  residual and skip connections, as in WaveNet."""
+  def forward(xs):
+    h = hk.Linear(channels, name="embed")(xs)
+    skip = 0.
+    for i, rate in enumerate(wavenet_dilations(layers)):
+      z = hk.Conv1D(2 * channels, 2, rate=rate, padding=hk.pad.causal,
+                    name=f"dilated_{i}")(h)
+      g = jnp.tanh(z[..., :channels]) * jax.nn.sigmoid(z[..., channels:])
+      h = h + hk.Linear(channels, name=f"residual_{i}")(g)
+      skip = skip + hk.Linear(channels, name=f"skip_{i}")(g)
+    return hk.Linear(out_dim, name="out")(jax.nn.relu(skip))
+  return hk.transform(forward)
+
+
+# -- Transformer ---------------------------------------------------------------
+def transformer(d_model: int, heads: int, layers: int, length: int,
+                vocab: int) -> hk.Transformed:
+  """tokens: [B, T] (T <= length) -> logits [B, T, vocab]: a GPT-style
+  decoder (token and learned position embeddings, pre-LayerNorm blocks of
+  ``hk.MultiHeadAttention`` under a causal mask and a GELU MLP)."""
+  def forward(tokens):
+    t = tokens.shape[1]
+    h = hk.Embed(vocab, d_model, name="embed")(tokens)
+    positions = hk.get_parameter("positions", [length, d_model],
+                                 init=hk.initializers.TruncatedNormal(0.02))
+    h = h + positions[jnp.arange(t)]
+    mask = jnp.tril(jnp.ones((1, 1, t, t), bool))
+    for i in range(layers):
+      a = hk.LayerNorm(-1, True, True, name=f"ln_attn_{i}")(h)
+      h = h + hk.MultiHeadAttention(
+          heads, d_model // heads, w_init=hk.initializers.VarianceScaling(1.0),
+          name=f"attn_{i}")(a, a, a, mask=mask)
+      m = hk.LayerNorm(-1, True, True, name=f"ln_mlp_{i}")(h)
+      h = h + hk.nets.MLP([4 * d_model, d_model], activation=jax.nn.gelu,
+                          name=f"mlp_{i}")(m)
+    h = hk.LayerNorm(-1, True, True, name="ln_out")(h)
+    return hk.Linear(vocab, name="unembed")(h)
+  return hk.transform(forward)
