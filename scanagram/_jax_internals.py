@@ -8,7 +8,13 @@ that moves them breaks one file.
 from jax._src import source_info_util
 # jnp.split's and jnp.stack's primitives; not re-exported
 from jax._src.lax.lax import split_p, stack_p, unstack_p
+from jax._src.interpreters.partial_eval import convert_constvars_jaxpr
 from jax.interpreters import ad, batching, mlir
+
+# custom_scanagram (scanagram/custom.py) defines a primitive: its JVP,
+# batching and lowering rules go in ad, batching and mlir, and the values its
+# body closes over (possibly tracers) become operands with
+# convert_constvars_jaxpr (jaxpr constvars -> leading invars).
 
 
 def user_source_line(source_info):
@@ -18,6 +24,12 @@ def user_source_line(source_info):
   if frame is None:
     return None
   return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+
+
+def exclude_from_user_frames(path: str):
+  """Frames in ``path`` are not the user's code: an equation bound there
+  (``custom_scanagram``'s primitive) reports its caller's line instead."""
+  source_info_util.register_exclusion(path)
 
 
 def name_stack(source_info) -> str:

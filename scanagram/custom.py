@@ -1,0 +1,219 @@
+"""``custom_scanagram``: a user-given step for a function that is causal as a
+whole though built from parts that are not (attention written with a mask, a
+blockwise algorithm, a call into a kernel).
+
+The decorated function runs as its body everywhere (eagerly, under ``jit``,
+``grad`` and ``vmap``); only the conversion to prefill and step uses the rule.
+It binds one primitive, ``custom_scanagram``, whose operands are the values
+the body closes over followed by the leaves of ``xs``.
+"""
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jex_core
+
+from scanagram import _jax_internals
+from scanagram._jax_internals import ad, batching, mlir
+from scanagram.interpreter import Converted, register, time_block
+from scanagram.kinds import UNSCANNED, Scanned, is_scanned
+from scanagram.rules.common import DelayLine
+
+
+class custom_scanagram:  # noqa: N801  (a decorator, named like jax.custom_jvp)
+  """Makes ``fun(xs)`` convertible with a rule that gives its step.
+
+  Define the rule with one of:
+
+  * ``@f.def_scanagram``: ``rule(axis, xs_shapes) -> (out_axis, body_fn,
+    carry_init)``; ``body_fn(carry, x) -> (carry, y)`` takes one element of
+    ``xs`` (its ``axis`` removed) and gives one element of the output (its
+    ``out_axis`` removed). A prompt is run by scanning ``body_fn`` over it
+    from ``carry_init``.
+  * ``@f.def_scanagram_with_prefill``: ``rule(axis, xs_shapes) -> (out_axis,
+    init_fn, body_fn)``; ``init_fn(prefill) -> (carry, out_prefill)`` runs a
+    prompt of length P (0 <= P <= L) along ``axis`` at once.
+
+  ``axis`` is the axis ``xs`` is scanned along (the same for all its leaves),
+  ``xs_shapes`` a pytree of ``jax.ShapeDtypeStruct`` with the full length L.
+  The rule's functions must compute from their arguments and from concrete
+  values: they run when the step is traced, so they must not close over
+  values traced inside ``fun`` (parameters of ``to_step``: pass those in
+  ``xs``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp, scanagram
+    >>> @scanagram.custom_scanagram
+    ... def running_mean(xs):                     # xs: [T, D]
+    ...   mask = jnp.tril(jnp.ones((len(xs), len(xs))))
+    ...   return (mask / mask.sum(1, keepdims=True)) @ xs
+    >>> @running_mean.def_scanagram
+    ... def _(axis, xs_shapes):
+    ...   def body(carry, x):
+    ...     total, n = carry
+    ...     return (total + x, n + 1), (total + x) / (n + 1)
+    ...   return axis, body, (jnp.zeros(xs_shapes.shape[1:]), 0.)
+    >>> step, init = scanagram.as_scan(running_mean, jnp.ones((4, 2)))
+    >>> xs = jnp.arange(8.).reshape(4, 2)
+    >>> jax.lax.scan(step, init, xs)[1][:, 0].tolist()
+    [0.0, 1.0, 2.0, 3.0]
+  """
+
+  def __init__(self, fun: Callable):
+    functools.update_wrapper(self, fun)
+    self.fun = fun
+    self.rule = None
+    self.with_prefill = False
+
+  def def_scanagram(self, rule: Callable) -> Callable:
+    """Sets ``rule(axis, xs_shapes) -> (out_axis, body_fn, carry_init)``."""
+    self.rule, self.with_prefill = rule, False
+    return rule
+
+  def def_scanagram_with_prefill(self, rule: Callable) -> Callable:
+    """Sets ``rule(axis, xs_shapes) -> (out_axis, init_fn, body_fn)``."""
+    self.rule, self.with_prefill = rule, True
+    return rule
+
+  def __call__(self, xs):
+    leaves, in_tree = jax.tree.flatten(xs)
+    out_tree = []
+
+    def flat_fun(*flat):
+      out = self.fun(jax.tree.unflatten(in_tree, flat))
+      out_leaves, tree = jax.tree.flatten(out)
+      out_tree.append(tree)
+      return out_leaves
+    specs = [jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+             for x in leaves]
+    closed = jax.make_jaxpr(flat_fun)(*specs)
+    # the values the body closes over (possibly tracers) become operands
+    consts = closed.consts
+    body = jex_core.ClosedJaxpr(
+        _jax_internals.convert_constvars_jaxpr(closed.jaxpr), ())
+    outs = custom_scanagram_p.bind(*consts, *leaves, body=body, custom=self,
+                                   n_consts=len(consts), in_tree=in_tree)
+    return jax.tree.unflatten(out_tree[0], outs)
+
+
+_jax_internals.exclude_from_user_frames(__file__)  # errors name the caller
+custom_scanagram_p = jex_core.Primitive("custom_scanagram")
+custom_scanagram_p.multiple_results = True
+
+
+def _run_body(*args, body, **_):
+  return jex_core.jaxpr_as_fun(body)(*args)
+
+
+custom_scanagram_p.def_impl(_run_body)
+custom_scanagram_p.def_abstract_eval(lambda *_, body, **__: body.out_avals)
+
+
+def _jvp(primals, tangents, **params):
+  tangents = [ad.instantiate_zeros(t) for t in tangents]
+  outs = custom_scanagram_p.bind(*primals, **params)
+  _, out_tangents = jax.jvp(functools.partial(_run_body, **params),
+                            tuple(primals), tuple(tangents))
+  return outs, list(out_tangents)
+
+
+def _batch(args, dims, **params):
+  outs = jax.vmap(functools.partial(_run_body, **params),
+                  in_axes=tuple(dims))(*args)
+  return outs, [0] * len(outs)
+
+
+ad.primitive_jvps[custom_scanagram_p] = _jvp
+batching.primitive_batchers[custom_scanagram_p] = _batch
+mlir.register_lowering(custom_scanagram_p,
+                       mlir.lower_fun(_run_body, multiple_results=True))
+
+
+@register(custom_scanagram_p)
+def custom_scanagram_rule(e):
+  """Causal by the user's word: runs the user's rule. Refused when the body
+  closes over a value that depends on the scanned input or when the leaves
+  of ``xs`` are scanned along different axes."""
+  n_consts, in_tree = e.params["n_consts"], e.params["in_tree"]
+  custom = e.params["custom"]
+  name = getattr(custom, "__name__", "the custom_scanagram function")
+  if custom.rule is None:
+    raise e.refuse(f"{name} has no rule: define one with @{name}.def_scanagram"
+                   f" or @{name}.def_scanagram_with_prefill")
+  if any(k is not UNSCANNED for k in e.in_kinds[:n_consts]):
+    raise e.refuse(f"{name} closes over a value that depends on the scanned "
+                   "input: pass it in xs instead")
+  kinds = e.in_kinds[n_consts:]
+  avals = e.in_avals[n_consts:]
+  if any(k is not UNSCANNED and not is_scanned(k) for k in kinds):
+    raise e.refuse(f"{name} takes attention scores or a value known only at "
+                   "the end of the sequence")
+  axes = {k.axis for k in kinds if is_scanned(k)}
+  if len(axes) != 1:
+    raise e.refuse(f"the leaves of {name}'s xs are scanned along different "
+                   f"axes {sorted(axes)}")
+  axis = axes.pop()
+  length = next(a.shape[axis] for a, k in zip(avals, kinds) if is_scanned(k))
+  for a, k in zip(avals, kinds):
+    if k is UNSCANNED and (a.ndim <= axis or a.shape[axis] != length):
+      raise e.refuse(f"a leaf of {name}'s xs (shape {a.shape}) does not depend"
+                     f" on the scanned input and has no axis {axis} of length "
+                     f"{length}")
+  ahead = min(k.ahead for k in kinds if is_scanned(k))
+  lines = {i: DelayLine(axis, avals[i].shape[axis], ahead, k.ahead - ahead)
+           for i, k in enumerate(kinds) if is_scanned(k) and k.ahead > ahead}
+  xs_shapes = jax.tree.unflatten(
+      in_tree, [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals])
+  if custom.with_prefill:
+    out_axis, init_fn, body_fn = custom.rule(axis, xs_shapes)
+  else:
+    out_axis, body_fn, carry_init = custom.rule(axis, xs_shapes)
+  out_axes = [out_axis % max(a.ndim, 1) for a in e.out_avals]
+
+  def xs_block(ctx, ins):
+    xs = list(ins[n_consts:])
+    for i, k in enumerate(kinds):
+      if k is UNSCANNED:
+        xs[i] = time_block(ctx, xs[i], axis, ahead)
+    return xs
+
+  def prefill(ctx, ins):
+    xs, queues = xs_block(ctx, ins), {}
+    for i, line in lines.items():
+      queues[i], xs[i] = line.prefill(ctx, xs[i])
+    if custom.with_prefill:
+      carry, out = init_fn(jax.tree.unflatten(in_tree, xs))
+      ys = jax.tree.leaves(out)
+    else:
+      carry = jax.tree.map(jnp.asarray, carry_init)
+      moved = [jnp.moveaxis(x, axis, 0) for x in xs]
+      carry, ys = lax.scan(
+          lambda c, x: body_fn(c, jax.tree.unflatten(in_tree, x)), carry,
+          moved, length=ctx.block(length, ahead)[1])
+      ys = [jnp.moveaxis(y, 0, a)
+            for y, a in zip(jax.tree.leaves(ys), out_axes)]
+    return (carry, queues), _check_outs(e, name, ys)
+
+  def step(ctx, state, ins):
+    carry, queues = state
+    xs, new_queues = xs_block(ctx, ins), {}
+    for i, line in lines.items():
+      new_queues[i], xs[i] = line.step(queues[i], xs[i])
+    x = jax.tree.unflatten(in_tree, [jnp.squeeze(x, axis) for x in xs])
+    carry, y = body_fn(carry, x)
+    ys = [jnp.expand_dims(y, a)
+          for y, a in zip(jax.tree.leaves(y), out_axes)]
+    return (carry, new_queues), _check_outs(e, name, ys)
+  return Converted([Scanned(a, ahead) for a in out_axes], prefill, step, True)
+
+
+def _check_outs(e, name, ys):
+  if len(ys) != len(e.out_avals):
+    raise e.refuse(f"{name}'s rule gives {len(ys)} outputs; the function "
+                   f"gives {len(e.out_avals)}")
+  return ys
+
+
+__all__ = ["custom_scanagram", "custom_scanagram_p"]
