@@ -1,0 +1,457 @@
+"""Runs every benchmark side by side and writes out/bench.json and
+out/bench.png.
+
+Usage: python -m benchmarks.run [--smoke] [--out DIR]
+
+Each comparison builds both sides from one Haiku model and its parameters:
+the derived side with ``adapters.haiku.to_step``, the hand-written side
+from :mod:`benchmarks.baselines`. It first checks that both compute the
+same outputs (``allclose`` against ``model.apply``), then times them in the
+same process, interleaved, after warm-up, jitted and blocked on the result,
+and reports medians. Per-token times come from N steps inside one jitted
+``lax.scan`` with the carry donated (the same loop wrapped around either
+step), so they measure the compiled steps, not Python dispatch; the
+per-call figures (``*_call_ratio``) measure one jitted, donated call per
+token from Python.
+
+JSON keys (figure name -> number):
+  lstm_step_ratio, wavenet_step_ratio, transformer_step_ratio: derived /
+    hand-written per-token time (target <= 1.10).
+  transformer_carry_bytes_ratio: derived carry / hand-written cache bytes
+    (target <= 1.05).
+  transformer_speedup_vs_recompute_T512: naive recomputation (the jitted
+    training-mode model on the prefix padded to L) / pair.generate, per
+    token, generating L tokens (target >= 20).
+  convert_compile_ratio_24_layers: to_step + compiling the step / compiling
+    the training-mode forward, 24-layer transformer (target <= 2.0), and
+    convert_seconds_<n>_layers, compile_step_seconds_<n>_layers,
+    compile_forward_seconds_<n>_layers per depth.
+  torch_step_ratio: TorchStepper call / the same jitted, donated step called
+    from JAX (target <= 1.15); torch_run_speedup: 64 TorchStepper calls /
+    one TorchStepper.run over 64 steps.
+"""
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adapters.haiku import to_step
+from benchmarks import baselines, models
+from benchmarks.timing import interleaved, seconds
+
+FULL = dict(
+    batch=8, repeats=5, warmup=1, call_repeats=3, calls=32,
+    lstm=dict(input=64, hidden=256, length=256, steps=256),
+    wavenet=dict(input=32, channels=64, layers=8, out=64, length=512,
+                 steps=256),
+    transformer=dict(d_model=256, heads=4, layers=4, length=512, vocab=256,
+                     steps=64, naive_tokens=4, generate_repeats=3,
+                     latency_positions=(1, 64, 128, 256, 384, 512)),
+    depths=(2, 6, 12, 24), torch_calls=64,
+)
+SMOKE = dict(
+    batch=2, repeats=2, warmup=1, call_repeats=2, calls=4,
+    lstm=dict(input=4, hidden=8, length=16, steps=16),
+    wavenet=dict(input=3, channels=8, layers=3, out=5, length=16, steps=16),
+    transformer=dict(d_model=16, heads=2, layers=2, length=16, vocab=32,
+                     steps=8, naive_tokens=2, generate_repeats=2,
+                     latency_positions=(1, 8, 16)),
+    depths=(1, 2), torch_calls=4,
+)
+TARGETS = {
+    "lstm_step_ratio": ("<=", 1.10),
+    "wavenet_step_ratio": ("<=", 1.10),
+    "transformer_step_ratio": ("<=", 1.10),
+    "transformer_carry_bytes_ratio": ("<=", 1.05),
+    "transformer_speedup_vs_recompute_T512": (">=", 20.0),
+    "convert_compile_ratio_24_layers": ("<=", 2.0),
+    "torch_step_ratio": ("<=", 1.15),
+}
+
+
+def required_keys(config):
+  """The JSON keys a run with ``config`` writes (the smoke test checks)."""
+  keys = list(TARGETS) + ["torch_run_speedup"]
+  for n in config["depths"]:
+    keys += [f"convert_seconds_{n}_layers", f"compile_step_seconds_{n}_layers",
+             f"compile_forward_seconds_{n}_layers"]
+  return keys
+
+
+def log(*args):
+  print(*args, flush=True)
+
+
+def check_close(name, got, want, tol=1e-4):
+  """Both sides must compute the model's outputs: a benchmark never compares
+  different math."""
+  err = float(jnp.max(jnp.abs(got - want)))
+  scale = float(jnp.max(jnp.abs(want))) + 1e-6
+  if not np.allclose(np.asarray(got), np.asarray(want), atol=tol * scale,
+                     rtol=tol):
+    raise AssertionError(f"{name}: outputs differ from model.apply by {err} "
+                         f"(scale {scale})")
+  return err
+
+
+def step_comparison(name, model, params, xs, base, pair, config, results):
+  """Per-token time of ``steps`` steps in one jitted lax.scan (carry
+  donated) for the derived and the hand-written step; per-call time of one
+  jitted, donated step called from Python. Sets ``<name>_step_ratio`` and
+  ``<name>_call_ratio``."""
+  want = model.apply(params, None, xs)
+  derived_run = baselines.scan_steps(pair.functions.step)
+  base_run = baselines.scan_steps(base.step)
+  _, ys = derived_run(params, pair.init(params), xs)
+  check_close(f"{name} derived step", ys, want)
+  _, ys = base_run(params, base.init(params), xs)
+  check_close(f"{name} hand-written step", ys, want)
+
+  n = xs.shape[1]
+  t = interleaved({
+      "derived": (lambda: pair.init(params),
+                  lambda c: derived_run(params, c, xs)),
+      "hand-written": (lambda: base.init(params),
+                       lambda c: base_run(params, c, xs)),
+  }, repeats=config["repeats"], warmup=config["warmup"])
+  results[f"{name}_step_ratio"] = t["derived"] / t["hand-written"]
+  results[f"{name}_step_ms_derived"] = 1e3 * t["derived"] / n
+  results[f"{name}_step_ms_hand_written"] = 1e3 * t["hand-written"] / n
+
+  derived_call = jax.jit(pair.functions.step, donate_argnums=1)
+  base_call = baselines.donated(base.step)
+  calls = config["calls"]
+  x_elems = [xs[:, i] for i in range(calls)]
+
+  def call_loop(call):
+    def work(carry):
+      for x in x_elems:
+        carry, y = call(params, carry, x)
+      return y
+    return work
+  t = interleaved({
+      "derived": (lambda: pair.init(params), call_loop(derived_call)),
+      "hand-written": (lambda: base.init(params), call_loop(base_call)),
+  }, repeats=config["call_repeats"], warmup=config["warmup"])
+  results[f"{name}_call_ratio"] = t["derived"] / t["hand-written"]
+  log(f"  {name}: step ratio {results[f'{name}_step_ratio']:.3f} "
+      f"({results[f'{name}_step_ms_derived']:.3f} vs "
+      f"{results[f'{name}_step_ms_hand_written']:.3f} ms/token), "
+      f"per-call ratio {results[f'{name}_call_ratio']:.3f}")
+
+
+def bench_lstm(config, results):
+  c, b = config["lstm"], config["batch"]
+  model = models.lstm(c["hidden"])
+  xs = jax.random.normal(jax.random.key(1), (b, c["length"], c["input"]))
+  params = model.init(jax.random.key(0), xs)
+  pair = to_step(model, xs, axis=1)
+  base = baselines.LSTMStep(c["hidden"], b)
+  step_comparison("lstm", model, params, xs[:, :c["steps"]], base, pair,
+                  config, results)
+  return pair, params, xs
+
+
+def bench_wavenet(config, results):
+  c, b = config["wavenet"], config["batch"]
+  model = models.wavenet(c["channels"], c["layers"], c["out"])
+  xs = jax.random.normal(jax.random.key(1), (b, c["length"], c["input"]))
+  params = model.init(jax.random.key(0), xs)
+  pair = to_step(model, xs, axis=1)
+  base = baselines.WaveNetQueues(c["channels"], c["layers"], b)
+  step_comparison("wavenet", model, params, xs[:, :c["steps"]], base, pair,
+                  config, results)
+  results["wavenet_carry_bytes_ratio"] = (
+      baselines.carry_bytes(pair.carry_spec()) /
+      baselines.carry_bytes(jax.eval_shape(base.init, params)))
+
+
+def greedy(rng, logits):
+  del rng
+  return jnp.argmax(logits, -1).astype(jnp.int32)
+
+
+def naive_generator(model, length):
+  """Jitted ``naive(params, seq, p, n) -> seq``: greedy generation by
+  recomputation, re-running the training-mode model on the whole sequence
+  padded to L (one compilation) for each of ``n`` tokens, one compiled
+  loop."""
+  def naive(params, seq, p, n):
+    def body(i, seq):
+      t = p + i - 1
+      logits = model.apply(params, None, seq)
+      token = greedy(None, jax.lax.dynamic_index_in_dim(logits, t, 1, False))
+      return jax.lax.dynamic_update_slice(
+          seq, token[:, None], (0, jnp.minimum(t + 1, length - 1)))
+    return jax.lax.fori_loop(0, n, body, seq)
+  return jax.jit(naive, static_argnums=3)
+
+
+def bench_transformer(config, results):
+  c, b = config["transformer"], config["batch"]
+  length = c["length"]
+  model = models.transformer(c["d_model"], c["heads"], c["layers"], length,
+                             c["vocab"])
+  tokens = jax.random.randint(jax.random.key(1), (b, length), 0, c["vocab"],
+                              jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  pair = to_step(model, jax.ShapeDtypeStruct((b, length), jnp.int32), axis=1)
+  base = baselines.TransformerCache(c["d_model"], c["heads"], c["layers"],
+                                    length, b)
+  step_comparison("transformer", model, params, tokens[:, :c["steps"]], base,
+                  pair, config, results)
+
+  derived_bytes = baselines.carry_bytes(pair.carry_spec())
+  base_bytes = baselines.carry_bytes(jax.eval_shape(base.init, params))
+  results["transformer_carry_bytes_ratio"] = derived_bytes / base_bytes
+  results["transformer_carry_bytes_derived"] = derived_bytes
+  log(f"  transformer carry: {derived_bytes} bytes derived, {base_bytes} "
+      "hand-written")
+
+  # Generation of L tokens from a 1-token prompt: pair.generate (one
+  # compiled loop), the hand-written generate (one compiled loop), naive
+  # recomputation (per-token time over naive_tokens tokens: padded to L,
+  # each token costs the same).
+  prompt = tokens[:, :1]
+  base_generate = jax.jit(base.generate, static_argnums=2)
+  derived_tokens = pair.generate(params, prompt, length, greedy)
+  base_tokens = base_generate(params, prompt, length)
+  naive = naive_generator(model, length)
+  k = c["naive_tokens"]
+  padded = jnp.zeros((b, length), jnp.int32).at[:, :1].set(prompt)
+  naive_tokens = naive(params, padded, 1, k)[:, 1:1 + k]
+  # The same greedy sequence, as far as float rounding keeps argmax ties
+  # apart: compare the first tokens exactly, and the agreement overall.
+  head = min(8, k)
+  if not (np.array_equal(derived_tokens[:, :head], base_tokens[:, :head]) and
+          np.array_equal(derived_tokens[:, :head], naive_tokens[:, :head])):
+    raise AssertionError("transformer: greedy generation differs between "
+                         "pair.generate, the hand-written generate and naive "
+                         "recomputation")
+  results["transformer_generate_agreement"] = float(
+      np.mean(np.asarray(derived_tokens) == np.asarray(base_tokens)))
+
+  t = interleaved({
+      "derived": (lambda: None,
+                  lambda _: pair.generate(params, prompt, length, greedy)),
+      "hand-written": (lambda: None,
+                       lambda _: base_generate(params, prompt, length)),
+      "naive": (lambda: padded, lambda seq: naive(params, seq, 1, k)),
+  }, repeats=c["generate_repeats"], warmup=1)
+  per_token = {"derived": t["derived"] / length,
+               "hand-written": t["hand-written"] / length,
+               "naive": t["naive"] / k}
+  results["transformer_speedup_vs_recompute_T512"] = (
+      per_token["naive"] / per_token["derived"])
+  results["transformer_generate_ratio"] = (
+      per_token["derived"] / per_token["hand-written"])
+  results["transformer_generate_ms_per_token"] = 1e3 * per_token["derived"]
+  results["transformer_naive_ms_per_token"] = 1e3 * per_token["naive"]
+  log(f"  generate {length} tokens: {1e3 * per_token['derived']:.2f} ms/token"
+      f" derived, {1e3 * per_token['hand-written']:.2f} hand-written, "
+      f"{1e3 * per_token['naive']:.1f} naive")
+  latency = latency_by_position(model, pair, params, tokens, c)
+  return model, pair, params, tokens, latency
+
+
+def latency_by_position(model, pair, params, tokens, c):
+  """Per-token seconds at each position 0..L-1 for one jitted, donated
+  derived step; for naive recomputation at a few positions (the training
+  model on the exact prefix, compiled per length) and padded to L."""
+  length = c["length"]
+  step = jax.jit(pair.functions.step, donate_argnums=1)
+  carry = pair.init(params)
+  x = tokens[:, 0]
+  carry, y = step(params, carry, x)            # compile
+  carry = pair.init(params)
+  derived = []
+  for i in range(length):
+    start = time.perf_counter()
+    carry, y = step(params, carry, tokens[:, i])
+    jax.block_until_ready(y)
+    derived.append(time.perf_counter() - start)
+  forward = jax.jit(lambda p, seq: model.apply(p, None, seq))
+  naive = []
+  for t in c["latency_positions"]:
+    prefix = tokens[:, :t]
+    jax.block_until_ready(forward(params, prefix))  # compile this length
+    times = []
+    for _ in range(3):
+      start = time.perf_counter()
+      jax.block_until_ready(forward(params, prefix))
+      times.append(time.perf_counter() - start)
+    naive.append(float(np.median(times)))
+  return {"derived": np.array(derived), "naive_positions": np.array(
+      c["latency_positions"]) - 1, "naive": np.array(naive)}
+
+
+def bench_conversion(config, results):
+  """to_step + compiling the step against compiling the forward, for
+  transformers of several depths (fresh models: no tracing cache helps)."""
+  c = config["transformer"]
+  seconds_by_depth = {}
+  for n in config["depths"]:
+    def build():
+      return models.transformer(c["d_model"], c["heads"], n, c["length"],
+                                c["vocab"])
+    spec = jax.ShapeDtypeStruct((1, c["length"]), jnp.int32)
+    params = jax.eval_shape(build().init, jax.random.key(0), spec)
+    model = build()
+    forward_s, _ = seconds(lambda: jax.jit(
+        lambda p, seq: model.apply(p, None, seq)).lower(params, spec).compile())
+    model = build()
+    convert_s, pair = seconds(lambda: to_step(model, spec, axis=1))
+    x = jax.ShapeDtypeStruct((1,), jnp.int32)
+    compile_s, _ = seconds(lambda: jax.jit(pair.functions.step).lower(
+        params, pair.carry_spec(), x).compile())
+    results[f"convert_seconds_{n}_layers"] = convert_s
+    results[f"compile_step_seconds_{n}_layers"] = compile_s
+    results[f"compile_forward_seconds_{n}_layers"] = forward_s
+    seconds_by_depth[n] = (convert_s, compile_s, forward_s)
+    log(f"  {n} layers: convert {convert_s:.2f} s, compile step "
+        f"{compile_s:.2f} s, compile forward {forward_s:.2f} s")
+  deepest = max(config["depths"])
+  convert_s, compile_s, forward_s = seconds_by_depth[deepest]
+  results["convert_compile_ratio_24_layers"] = (
+      (convert_s + compile_s) / forward_s)
+  return seconds_by_depth
+
+
+def bench_torch(config, results, pair, params, tokens):
+  """TorchStepper against the same jitted, donated step called from JAX."""
+  import torch
+  from adapters.torch import TorchStepper
+  calls = config["torch_calls"]
+  stepper = TorchStepper(pair, params)
+  jax_step = jax.jit(lambda p, carry, x: pair.step(p, carry, x),
+                     donate_argnums=1)
+  xs_jax = [tokens[:, i] for i in range(calls)]
+  xs_torch = [torch.from_dlpack(x) for x in xs_jax]
+  xs_block = torch.from_dlpack(tokens[:, :calls])
+
+  want = np.asarray(baselines.scan_steps(pair.functions.step)(
+      params, pair.init(params), tokens[:, :calls])[1])
+  stepper.reset()
+  got = np.stack([stepper(x).numpy() for x in xs_torch], 1)
+  check_close("torch stepper", jnp.asarray(got), jnp.asarray(want))
+  stepper.reset()
+  check_close("torch stepper run", jnp.asarray(stepper.run(xs_block).numpy()),
+              jnp.asarray(want))
+
+  def jax_calls(carry):
+    for x in xs_jax:
+      carry, y = jax_step(params, carry, x)
+    return y
+
+  def torch_calls(_):
+    for x in xs_torch:
+      y = stepper(x)
+    return jnp.asarray(y.numpy())  # noqa: the tensor is ready when returned
+
+  def torch_run(_):
+    return jnp.asarray(stepper.run(xs_block).numpy())
+
+  t = interleaved({
+      "jax": (lambda: pair.init(params), jax_calls),
+      "torch": (stepper.reset, torch_calls),
+      "torch run": (stepper.reset, torch_run),
+  }, repeats=config["call_repeats"], warmup=config["warmup"])
+  results["torch_step_ratio"] = t["torch"] / t["jax"]
+  results["torch_run_speedup"] = t["torch"] / t["torch run"]
+  log(f"  torch: {1e3 * t['torch'] / calls:.2f} ms/call TorchStepper, "
+      f"{1e3 * t['jax'] / calls:.2f} ms/call JAX, run "
+      f"{1e3 * t['torch run'] / calls:.2f} ms/step")
+
+
+def plot(latency, seconds_by_depth, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+  derived = latency["derived"]
+  left.plot(np.arange(len(derived)), 1e3 * derived, lw=0.8,
+            label="derived step (one call per token)")
+  left.plot(latency["naive_positions"], 1e3 * latency["naive"], "o-",
+            label="naive recomputation on the prefix")
+  left.set(xlabel="position", ylabel="ms per token", yscale="log",
+           title="transformer: per-token latency")
+  left.legend()
+  depths = sorted(seconds_by_depth)
+  for i, label in enumerate(["to_step (convert)", "compile step",
+                             "compile training forward"]):
+    right.plot(depths, [seconds_by_depth[n][i] for n in depths], "o-",
+               label=label)
+  right.set(xlabel="layers", ylabel="seconds", title="conversion time "
+            "against depth")
+  right.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def table(results):
+  rows = []
+  for key, value in results.items():
+    target = TARGETS.get(key)
+    if target is None:
+      verdict, goal = "", ""
+    else:
+      op, bound = target
+      met = value <= bound if op == "<=" else value >= bound
+      verdict, goal = ("met" if met else "MISSED"), f"{op} {bound:g}"
+    rows.append((key, f"{value:.4g}", goal, verdict))
+  widths = [max(len(r[i]) for r in rows + [("figure", "value", "target",
+                                             "")]) for i in range(4)]
+  lines = ["| " + " | ".join(h.ljust(w) for h, w in zip(
+      ("figure", "value", "target", ""), widths)) + " |",
+           "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+  lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+            for r in rows]
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny sizes, a few repetitions (seconds)")
+  parser.add_argument("--out", default="out", help="output directory")
+  args = parser.parse_args(argv)
+  config = SMOKE if args.smoke else FULL
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  start = time.perf_counter()
+  results = {}
+  log(f"jax {jax.__version__} on {jax.devices()[0].platform}, "
+      f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}"
+      + (" (smoke sizes)" if args.smoke else ""))
+  log("lstm ...")
+  bench_lstm(config, results)
+  log("wavenet ...")
+  bench_wavenet(config, results)
+  log("transformer ...")
+  _, pair, params, tokens, latency = bench_transformer(config, results)
+  log("torch ...")
+  bench_torch(config, results, pair, params, tokens)
+  log("conversion ...")
+  seconds_by_depth = bench_conversion(config, results)
+  plot(latency, seconds_by_depth, out / "bench.png")
+  results["cpu_count"] = os.cpu_count()
+  results["load_average_1min"] = os.getloadavg()[0]
+  results["smoke"] = int(args.smoke)
+  results["total_seconds"] = time.perf_counter() - start
+  ordered = {k: results[k] for k in required_keys(config)}
+  ordered.update({k: v for k, v in results.items() if k not in ordered})
+  (out / "bench.json").write_text(json.dumps(ordered, indent=1) + "\n")
+  log(table(ordered))
+  log(f"wrote {out / 'bench.json'} and {out / 'bench.png'} "
+      f"({ordered['total_seconds']:.0f} s)")
+  return ordered
+
+
+if __name__ == "__main__":
+  sys.exit(0 if main() else 1)
