@@ -335,7 +335,7 @@ class StepPair:
   def _generate_loop(self, unscanned, prompt, rng, steps, sample):
     if steps == 0:
       return jax.tree.map(
-          lambda s: jnp.zeros(_insert_axis(s.shape, self._axis_of(s), 0),
+          lambda s: jnp.zeros(_insert_axis(s.shape, self._axis_of(s, 1), 0),
                               s.dtype), self.element_spec)
     fns = self.functions
     carry, out = fns.prefill(*unscanned, prompt)
