@@ -247,3 +247,34 @@ def test_cond_inside_an_rnn_is_per_position():
     return lax.scan(lambda c, x: (c + x, lax.cond(x[0] > 0, jnp.sin, jnp.cos,
                                                   x + c)), jnp.zeros(D), xs)[1]
   check_scan(f, X)
+
+
+def test_carry_that_starts_unscanned_and_becomes_scanned():
+  # the initial carry is full-length zeros; the sequence joins it in the body
+  def layers(xs):
+    return lax.scan(lambda h, s: (h * 0.5 + jnp.cumsum(xs * s, 0), None),
+                    jnp.zeros((L, D)), jnp.arange(1., 3.))[0]
+  check_scan(layers, X, prefill_lengths=range(L + 1))
+
+  def loop(xs):
+    return lax.while_loop(lambda ih: ih[0] < 2,
+                          lambda ih: (ih[0] + 1, ih[1] * 0.5 + xs),
+                          (0, jnp.zeros((L, D))))[1]
+  check_scan(loop, X, prefill_lengths=range(L + 1))
+
+  def fori(xs):
+    return lax.fori_loop(0, 3, lambda i, h: h * 0.5 + jnp.cumsum(xs, 0),
+                         jnp.zeros((L, D)))
+  check_scan(fori, X, prefill_lengths=range(L + 1))
+
+
+def test_scan_along_time_closing_over_the_sequence_refused():
+  check_refused(lambda xs: lax.scan(lambda c, x: (c + x + xs[0], c),
+                                    jnp.zeros(D), xs)[1], X,
+                "scan", "a const depends on the whole sequence")
+
+
+def test_while_with_a_stateful_body_refused():
+  check_refused(lambda xs: lax.while_loop(
+      lambda ih: ih[0] < 2, lambda ih: (ih[0] + 1, jnp.cumsum(ih[1], 0)),
+      (0, xs))[1], X, "while", "keeps state")

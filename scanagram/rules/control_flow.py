@@ -109,6 +109,27 @@ def _body_fixed_point(e, in_kinds, carry_slice, convert_body):
   raise e.refuse("the kinds of its carry do not settle")
 
 
+def _widened_carry(e, kinds, first):
+  """``align(ctx, ins)``: the initial carries that are unscanned but become
+  scanned after one iteration (``jnp.zeros((L, D))`` to which the sequence
+  is added) hold all L elements; they are cut to the block the mode
+  computes. ``kinds``: the settled kinds of the operands from ``first`` on."""
+  widened = {}
+  for j, k in enumerate(kinds):
+    if e.in_kinds[first + j] is UNSCANNED and k is not UNSCANNED:
+      if not is_scanned(k):
+        raise e.refuse(f"{e.primitive.name}'s carry {j} starts unscanned and "
+                       f"becomes {k}")
+      widened[first + j] = k
+
+  def align(ctx, ins):
+    ins = list(ins)
+    for i, k in widened.items():
+      ins[i] = time_block(ctx, ins[i], k.axis, k.ahead)
+    return ins
+  return align
+
+
 def _scan_over_other_axis(e):
   """A scan whose iterations each see the whole sequence (a scan over
   layers): causal when its body is. Each iteration's state is stacked."""
@@ -124,6 +145,7 @@ def _scan_over_other_axis(e):
       e, body_kinds, slice(n_consts, n_consts + n_carry),
       lambda ks: e.convert(body, ks, body_known))
   kinds[n_consts:n_consts + n_carry] = body_kinds[n_consts:n_consts + n_carry]
+  align = _widened_carry(e, kinds[n_consts:n_consts + n_carry], n_consts)
   out_kinds = list(sub.out_kinds[:n_carry]) + [
       k if k is UNSCANNED else Scanned(k.axis + 1, k.ahead)
       for k in sub.out_kinds[n_carry:]]
@@ -134,7 +156,7 @@ def _scan_over_other_axis(e):
             ins[n_consts + n_carry:])
 
   def prefill(ctx, ins):
-    consts, carry, xs = split(ins)
+    consts, carry, xs = split(align(ctx, ins))
 
     def iteration(carry, x):
       state, outs = sub.prefill(ctx, list(consts) + list(carry) + list(x))
@@ -144,7 +166,7 @@ def _scan_over_other_axis(e):
     return states, list(carry) + list(ys)
 
   def step(ctx, states, ins):
-    consts, carry, xs = split(ins)
+    consts, carry, xs = split(align(ctx, ins))
 
     def iteration(carry, x_state):
       x, state = x_state
@@ -171,6 +193,7 @@ def while_rule(e):
       lambda ks: e.convert(body, ks, known[nc:nc + nb] +
                            [lambda: None] * n_carry))
   carry_kinds = body_kinds[nb:]
+  align = _widened_carry(e, carry_kinds, nc + nb)
   cond_sub = e.convert(cond, kinds[:nc] + carry_kinds)
   if cond_sub.out_kinds[0] is not UNSCANNED:
     raise e.refuse("the while loop's condition depends on the scanned input, "
@@ -180,6 +203,7 @@ def while_rule(e):
                    "(use lax.scan or fori_loop with static bounds)")
 
   def apply(ctx, ins):
+    ins = align(ctx, ins)
     cconsts, bconsts, carry = ins[:nc], ins[nc:nc + nb], ins[nc + nb:]
     return lax.while_loop(
         lambda c: cond_sub.prefill(ctx, list(cconsts) + list(c))[1][0],
