@@ -197,3 +197,26 @@ def test_as_scan_with_prefill(p):
   assert_trees_close(out, want[:p], tol=1e-4)
   if p < L:
     assert_trees_close(lax.scan(step, carry, X[p:])[1], want[p:], tol=1e-4)
+
+
+@scanagram.custom_scanagram
+def cumsum_transposed(xs):  # [T, D] -> [D, T]
+  return jnp.cumsum(xs, 0).T
+
+
+@cumsum_transposed.def_scanagram
+def _cumsum_transposed_rule(axis, xs_shapes):
+  assert axis == 0
+  return 1, lambda c, x: (c + x, c + x), jnp.zeros(xs_shapes.shape[1:])
+
+
+def test_output_axis_differs_from_input_axis_and_inside_jit():
+  check_scan(lambda x: cumsum_transposed(x).T, X,
+             prefill_lengths=range(L + 1))
+  check_scan(jax.jit(lambda x: cumsum_transposed(jnp.cos(x)).T * 2), X)
+  # vmap over a batch of carries of the converted step
+  step, init = scanagram.as_scan(lambda x: cumsum_transposed(x).T, X)
+  batch = random_like(jnp.zeros((2, L, D)), 11)
+  inits = jax.tree.map(lambda a: jnp.stack([a, a]), init)
+  got = jax.vmap(lambda c, xs: lax.scan(step, c, xs)[1])(inits, batch)
+  assert_trees_close(got, jnp.cumsum(batch, 1))
