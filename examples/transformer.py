@@ -51,30 +51,32 @@ def make_model(d_model, heads, layers, length, use_layer_stack=False):
   return hk.transform(forward)
 
 
-def latency_by_position(pair, apply, params, length, batch):
-  """Per-token seconds at each position for the derived step and for naive
-  recomputation (prefix padded to the next power of two)."""
+def latency_by_position(pair, apply, params, length, batch, repeats=5):
+  """Per-token seconds at each position (median of ``repeats`` passes) for
+  the derived step and for naive recomputation (prefix padded to the next
+  power of two, so it compiles once per bucket)."""
   tokens = jnp.zeros((batch, length), jnp.int32)
   step = jax.jit(pair.step)
-  carry, _ = pair.prefill(params, tokens[:, :1])
   x = tokens[:, 0]
-  jax.block_until_ready(step(params, carry, x))
-  derived = []
-  for _ in range(1, length):
-    start = time.perf_counter()
-    carry, y = step(params, carry, x)
-    jax.block_until_ready(y)
-    derived.append(time.perf_counter() - start)
+  derived = np.zeros((repeats, length - 1))
+  for r in range(repeats):
+    carry, _ = pair.prefill(params, tokens[:, :1])
+    jax.block_until_ready(step(params, carry, x))
+    for t in range(length - 1):
+      start = time.perf_counter()
+      carry, y = step(params, carry, x)
+      jax.block_until_ready(y)
+      derived[r, t] = time.perf_counter() - start
   forward = jax.jit(apply)
-  naive = []
+  naive = np.zeros((repeats, length - 1))
   for t in range(1, length):
-    bucket = min(length, 1 << (t).bit_length())
-    prefix = tokens[:, :bucket]
-    jax.block_until_ready(forward(params, prefix))  # compiled once per bucket
-    start = time.perf_counter()
+    prefix = tokens[:, :min(length, 1 << t.bit_length())]
     jax.block_until_ready(forward(params, prefix))
-    naive.append(time.perf_counter() - start)
-  return np.array(derived), np.array(naive)
+    for r in range(repeats):
+      start = time.perf_counter()
+      jax.block_until_ready(forward(params, prefix))
+      naive[r, t - 1] = time.perf_counter() - start
+  return np.median(derived, 0), np.median(naive, 0)
 
 
 def plot(losses, derived, naive, path):
@@ -101,7 +103,7 @@ def plot(losses, derived, naive, path):
 def main(argv=None):
   args = common.parser(
       __doc__.splitlines()[0], d_model=128, heads=4, layers=3, length=128,
-      batch=32, steps=700, learning_rate=3e-3, generate=200, temperature=0.7,
+      batch=32, steps=500, learning_rate=3e-3, generate=200, temperature=0.7,
       prompt="def ", seed=0, layer_stack=0).parse_args(argv)
   if args.smoke:
     args.d_model, args.heads, args.layers, args.length = 32, 2, 2, 16
