@@ -25,7 +25,6 @@ Example:
 import collections
 import inspect
 import os
-import sys
 from typing import Any, Callable, Optional, Sequence
 
 import haiku as hk
@@ -262,7 +261,7 @@ class StepPair:
       ``(carry, out)``, ``out`` being the model's outputs for the prompt
       (P elements along ``axis``).
     """
-    *unscanned, prompt = self._split(args, 1, "prefill", "prompt")
+    *unscanned, prompt = self._split(args, 1, "prefill", ", prompt")
     return self._prefill(unscanned, prompt)
 
   def step(self, *args):
@@ -271,7 +270,7 @@ class StepPair:
     ``x`` and ``y`` are one element (``axis`` removed). The inputs are left
     intact (no donation); the carry must be at a position below L.
     """
-    *unscanned, carry, x = self._split(args, 2, "step", "carry, x")
+    *unscanned, carry, x = self._split(args, 2, "step", ", carry, x")
     return self._step(unscanned, carry, x)
 
   def bind(self, *unscanned) -> "Stepper":
@@ -359,7 +358,8 @@ class StepPair:
     x = sample(key, y)
     want = jax.tree.map(lambda s: (s.shape, jnp.dtype(s.dtype)),
                         self.element_spec)
-    got = jax.tree.map(lambda v: (tuple(np.shape(v)), jnp.dtype(v.dtype)), x)
+    got = jax.tree.map(lambda v: (_spec(v).shape, jnp.dtype(_spec(v).dtype)),
+                       x)
     if got != want:
       raise TypeError(f"generate: sample(rng, y) returned {got} (shape, "
                       f"dtype), but the model's input element is {want}")
@@ -367,19 +367,19 @@ class StepPair:
 
   # -- helpers ---------------------------------------------------------------
   def _names(self):
-    return "params, state" if self.has_state and self.num_unscanned == 2 \
-        else ("params" if self.num_unscanned == 1
-              else f"{self.num_unscanned} unscanned arguments")
+    if self.num_unscanned == 1:
+      return "params"
+    if self.num_unscanned == 2 and self.has_state:
+      return "params, state"
+    return f"{self.num_unscanned} unscanned arguments"
 
   def _unscanned(self, args, what):
-    if len(args) != self.num_unscanned:
-      raise TypeError(f"{what} takes {self._names()}; got {len(args)} "
-                      "arguments")
-    return list(args)
+    return self._split(args, 0, what, "")
 
   def _split(self, args, extra, what, names):
+    """Checks the number of arguments: the unscanned ones, then ``extra``."""
     if len(args) != self.num_unscanned + extra:
-      raise TypeError(f"{what} takes {self._names()}, {names}; got "
+      raise TypeError(f"{what} takes {self._names()}{names}; got "
                       f"{len(args)} arguments")
     return list(args)
 
