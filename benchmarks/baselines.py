@@ -9,7 +9,7 @@ so the benchmark compares two implementations of one function:
   dilated convolution holding its last ``rate`` inputs, read and written at
   ``t % rate`` in place.
 * :class:`TransformerCache`: a KV-cache decoder step, one key cache and one
-  value cache per layer (``[B, L, H, dh]``), written with
+  value cache per layer (``[B, H, L, dh]``), written with
   ``lax.dynamic_update_slice`` at the current position; the step and the
   generation loop donate the carry so XLA updates the caches in place.
 
@@ -118,19 +118,31 @@ def _layer_norm(params, x, eps=1e-5):
 class TransformerCache:
   """KV-cache decoding for :func:`models.transformer`.
 
-  Carry: ``{"k": [per layer [B, L, H, dh]], "v": [...], "t": int32}``. A
-  step embeds token ``x: [B]`` at position t, and in each layer projects
-  q, k, v for that one position, writes k and v into the layer's caches at
-  t (``dynamic_update_slice``), attends over the cache with positions > t
+  Carry: ``{"k": [per layer], "v": [per layer], "t": int32}``. A step embeds
+  token ``x: [B]`` at position t, and in each layer projects q, k, v for
+  that one position, writes k and v into the layer's caches at t
+  (``dynamic_update_slice``), attends over the cache with positions > t
   masked out, and returns the logits ``[B, vocab]``.
+
+  Args:
+    head_major: the cache layout. True (the default, what an expert writes):
+      ``[B, H, L, dh]``, so that both attention products read the cache in
+      place (batch dims B, H leading, contraction or free dim dh minor).
+      False: ``[B, L, H, dh]``, the layout of Haiku's projections
+      (``hk.MultiHeadAttention`` reshapes to ``[..., T, H, dh]``); XLA then
+      transposes the whole cache for each product, every step (kept as a
+      diagnostic: it is the layout the derived step keeps today).
   """
 
-  def __init__(self, d_model, heads, layers, length, batch):
+  def __init__(self, d_model, heads, layers, length, batch, head_major=True):
     self.d, self.heads, self.layers = d_model, heads, layers
     self.length, self.batch = length, batch
     self.dh = d_model // heads
+    self.head_major = head_major
 
   def cache_shape(self):
+    if self.head_major:
+      return (self.batch, self.heads, self.length, self.dh)
     return (self.batch, self.length, self.heads, self.dh)
 
   def init(self, params):
@@ -143,6 +155,10 @@ class TransformerCache:
   def step(self, params, carry, x):
     t = carry["t"]
     b, hh, dh = self.batch, self.heads, self.dh
+    if self.head_major:
+      one, at, cache = (b, hh, 1, dh), (0, 0, t, 0), "bhTd"
+    else:
+      one, at, cache = (b, 1, hh, dh), (0, t, 0, 0), "bThd"
 
     def linear(name, v):
       return v @ params[name]["w"] + params[name]["b"]
@@ -155,17 +171,17 @@ class TransformerCache:
     for i in range(self.layers):
       a = _layer_norm(params[f"ln_attn_{i}"], h)
       q = linear(f"attn_{i}/query", a).reshape(b, hh, dh)
-      k = linear(f"attn_{i}/key", a).reshape(b, 1, hh, dh)
-      v = linear(f"attn_{i}/value", a).reshape(b, 1, hh, dh)
-      k_cache = lax.dynamic_update_slice(carry["k"][i], k, (0, t, 0, 0))
-      v_cache = lax.dynamic_update_slice(carry["v"][i], v, (0, t, 0, 0))
+      k = linear(f"attn_{i}/key", a).reshape(one)
+      v = linear(f"attn_{i}/value", a).reshape(one)
+      k_cache = lax.dynamic_update_slice(carry["k"][i], k, at)
+      v_cache = lax.dynamic_update_slice(carry["v"][i], v, at)
       ks.append(k_cache)
       vs.append(v_cache)
-      logits = jnp.einsum("bhd,bThd->bhT", q, k_cache) / np.float32(
+      logits = jnp.einsum(f"bhd,{cache}->bhT", q, k_cache) / np.float32(
           np.sqrt(dh))
       logits = jnp.where(visible, logits, -1e30)
       weights = jax.nn.softmax(logits)
-      attn = jnp.einsum("bhT,bThd->bhd", weights, v_cache).reshape(b, -1)
+      attn = jnp.einsum(f"bhT,{cache}->bhd", weights, v_cache).reshape(b, -1)
       h = h + linear(f"attn_{i}/linear", attn)
       m = _layer_norm(params[f"ln_mlp_{i}"], h)
       m = jax.nn.gelu(linear(f"mlp_{i}/~/linear_0", m))

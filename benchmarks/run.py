@@ -100,34 +100,40 @@ def check_close(name, got, want, tol=1e-4):
   return err
 
 
-def step_comparison(name, model, params, xs, base, pair, config, results):
+def step_comparison(name, model, params, xs, bases, pair, config, results):
   """Per-token time of ``steps`` steps in one jitted lax.scan (carry
-  donated) for the derived and the hand-written step; per-call time of one
-  jitted, donated step called from Python. Sets ``<name>_step_ratio`` and
-  ``<name>_call_ratio``."""
+  donated) for the derived and the hand-written steps; per-call time of one
+  jitted, donated step called from Python.
+
+  ``bases``: dict suffix -> hand-written step object; the first is the
+  baseline of the figures ``<name>_step_ratio`` and ``<name>_call_ratio``,
+  the others (diagnostics) give ``<name>_step_ratio_vs_<suffix>``."""
   want = model.apply(params, None, xs)
-  derived_run = baselines.scan_steps(pair.functions.step)
-  base_run = baselines.scan_steps(base.step)
-  _, ys = derived_run(params, pair.init(params), xs)
-  check_close(f"{name} derived step", ys, want)
-  _, ys = base_run(params, base.init(params), xs)
-  check_close(f"{name} hand-written step", ys, want)
+  runs = {"derived": (pair.init, baselines.scan_steps(pair.functions.step))}
+  runs.update({suffix: (base.init, baselines.scan_steps(base.step))
+               for suffix, base in bases.items()})
+  for side, (init, run) in runs.items():
+    _, ys = run(params, init(params), xs)
+    check_close(f"{name} {side} step", ys, want)
 
   n = xs.shape[1]
   t = interleaved({
-      "derived": (lambda: pair.init(params),
-                  lambda c: derived_run(params, c, xs)),
-      "hand-written": (lambda: base.init(params),
-                       lambda c: base_run(params, c, xs)),
-  }, repeats=config["repeats"], warmup=config["warmup"])
-  results[f"{name}_step_ratio"] = t["derived"] / t["hand-written"]
+      side: (lambda init=init: init(params),
+             lambda c, run=run: run(params, c, xs))
+      for side, (init, run) in runs.items()},
+      repeats=config["repeats"], warmup=config["warmup"])
+  first = next(iter(bases))
+  for suffix in bases:
+    key = (f"{name}_step_ratio" if suffix == first else
+           f"{name}_step_ratio_vs_{suffix}")
+    results[key] = t["derived"] / t[suffix]
+    results[f"{name}_step_ms_{suffix}"] = 1e3 * t[suffix] / n
   results[f"{name}_step_ms_derived"] = 1e3 * t["derived"] / n
-  results[f"{name}_step_ms_hand_written"] = 1e3 * t["hand-written"] / n
 
-  derived_call = jax.jit(pair.functions.step, donate_argnums=1)
-  base_call = baselines.donated(base.step)
-  calls = config["calls"]
-  x_elems = [xs[:, i] for i in range(calls)]
+  calls = {"derived": (pair.init, jax.jit(pair.functions.step,
+                                          donate_argnums=1)),
+           first: (bases[first].init, baselines.donated(bases[first].step))}
+  x_elems = [xs[:, i] for i in range(config["calls"])]
 
   def call_loop(call):
     def work(carry):
@@ -135,14 +141,13 @@ def step_comparison(name, model, params, xs, base, pair, config, results):
         carry, y = call(params, carry, x)
       return y
     return work
-  t = interleaved({
-      "derived": (lambda: pair.init(params), call_loop(derived_call)),
-      "hand-written": (lambda: base.init(params), call_loop(base_call)),
-  }, repeats=config["call_repeats"], warmup=config["warmup"])
-  results[f"{name}_call_ratio"] = t["derived"] / t["hand-written"]
+  t = interleaved({side: (lambda init=init: init(params), call_loop(call))
+                   for side, (init, call) in calls.items()},
+                  repeats=config["call_repeats"], warmup=config["warmup"])
+  results[f"{name}_call_ratio"] = t["derived"] / t[first]
   log(f"  {name}: step ratio {results[f'{name}_step_ratio']:.3f} "
       f"({results[f'{name}_step_ms_derived']:.3f} vs "
-      f"{results[f'{name}_step_ms_hand_written']:.3f} ms/token), "
+      f"{results[f'{name}_step_ms_{first}']:.3f} ms/token), "
       f"per-call ratio {results[f'{name}_call_ratio']:.3f}")
 
 
@@ -153,7 +158,8 @@ def bench_lstm(config, results):
   params = model.init(jax.random.key(0), xs)
   pair = to_step(model, xs, axis=1)
   base = baselines.LSTMStep(c["hidden"], b)
-  step_comparison("lstm", model, params, xs[:, :c["steps"]], base, pair,
+  step_comparison("lstm", model, params, xs[:, :c["steps"]],
+                  {"hand_written": base}, pair,
                   config, results)
   return pair, params, xs
 
@@ -165,7 +171,8 @@ def bench_wavenet(config, results):
   params = model.init(jax.random.key(0), xs)
   pair = to_step(model, xs, axis=1)
   base = baselines.WaveNetQueues(c["channels"], c["layers"], b)
-  step_comparison("wavenet", model, params, xs[:, :c["steps"]], base, pair,
+  step_comparison("wavenet", model, params, xs[:, :c["steps"]],
+                  {"hand_written": base}, pair,
                   config, results)
   results["wavenet_carry_bytes_ratio"] = (
       baselines.carry_bytes(pair.carry_spec()) /
@@ -204,8 +211,13 @@ def bench_transformer(config, results):
   pair = to_step(model, jax.ShapeDtypeStruct((b, length), jnp.int32), axis=1)
   base = baselines.TransformerCache(c["d_model"], c["heads"], c["layers"],
                                     length, b)
-  step_comparison("transformer", model, params, tokens[:, :c["steps"]], base,
-                  pair, config, results)
+  # diagnostic: the same step with the cache in Haiku's [B, L, H, dh]
+  # layout (the derived carry's layout)
+  model_layout = baselines.TransformerCache(
+      c["d_model"], c["heads"], c["layers"], length, b, head_major=False)
+  step_comparison("transformer", model, params, tokens[:, :c["steps"]],
+                  {"hand_written": base, "model_layout": model_layout}, pair,
+                  config, results)
 
   derived_bytes = baselines.carry_bytes(pair.carry_spec())
   base_bytes = baselines.carry_bytes(jax.eval_shape(base.init, params))
@@ -237,25 +249,28 @@ def bench_transformer(config, results):
   results["transformer_generate_agreement"] = float(
       np.mean(np.asarray(derived_tokens) == np.asarray(base_tokens)))
 
+  layout_generate = jax.jit(model_layout.generate, static_argnums=2)
   t = interleaved({
       "derived": (lambda: None,
                   lambda _: pair.generate(params, prompt, length, greedy)),
-      "hand-written": (lambda: None,
+      "hand_written": (lambda: None,
                        lambda _: base_generate(params, prompt, length)),
+      "model_layout": (lambda: None,
+                       lambda _: layout_generate(params, prompt, length)),
       "naive": (lambda: padded, lambda seq: naive(params, seq, 1, k)),
   }, repeats=c["generate_repeats"], warmup=1)
-  per_token = {"derived": t["derived"] / length,
-               "hand-written": t["hand-written"] / length,
-               "naive": t["naive"] / k}
+  per_token = {side: s / (k if side == "naive" else length)
+               for side, s in t.items()}
   results["transformer_speedup_vs_recompute_T512"] = (
       per_token["naive"] / per_token["derived"])
   results["transformer_generate_ratio"] = (
-      per_token["derived"] / per_token["hand-written"])
-  results["transformer_generate_ms_per_token"] = 1e3 * per_token["derived"]
-  results["transformer_naive_ms_per_token"] = 1e3 * per_token["naive"]
-  log(f"  generate {length} tokens: {1e3 * per_token['derived']:.2f} ms/token"
-      f" derived, {1e3 * per_token['hand-written']:.2f} hand-written, "
-      f"{1e3 * per_token['naive']:.1f} naive")
+      per_token["derived"] / per_token["hand_written"])
+  results["transformer_generate_ratio_vs_model_layout"] = (
+      per_token["derived"] / per_token["model_layout"])
+  for side, s in per_token.items():
+    results[f"transformer_generate_ms_per_token_{side}"] = 1e3 * s
+  log(f"  generate {length} tokens, ms/token: " + ", ".join(
+      f"{side} {1e3 * s:.2f}" for side, s in per_token.items()))
   latency = latency_by_position(model, pair, params, tokens, c)
   return model, pair, params, tokens, latency
 

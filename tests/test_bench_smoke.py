@@ -1,0 +1,33 @@
+"""The benchmark code runs at tiny sizes, so it cannot rot. No timing is
+asserted: speed lives in benchmarks/ (make bench)."""
+import json
+import math
+
+from benchmarks import run
+
+
+def test_bench_smoke_writes_every_figure_and_the_plot(tmp_path):
+  results = run.main(["--smoke", "--out", str(tmp_path)])
+  written = json.loads((tmp_path / "bench.json").read_text())
+  assert written == results
+  for key in run.required_keys(run.SMOKE):
+    assert key in written, key
+    assert isinstance(written[key], (int, float)), key
+    assert math.isfinite(written[key]), key
+  assert written["smoke"] == 1
+  # the carry sizes are exact, not timings: the derived carry is the cache
+  assert written["transformer_carry_bytes_ratio"] > 0
+  png = (tmp_path / "bench.png").read_bytes()
+  assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+
+def test_required_keys_name_every_figure_of_the_issue():
+  keys = run.required_keys(run.FULL)
+  for key in ["lstm_step_ratio", "wavenet_step_ratio", "transformer_step_ratio",
+              "transformer_carry_bytes_ratio",
+              "transformer_speedup_vs_recompute_T512",
+              "convert_compile_ratio_24_layers", "torch_step_ratio",
+              "torch_run_speedup", "convert_seconds_2_layers",
+              "convert_seconds_6_layers", "convert_seconds_12_layers",
+              "convert_seconds_24_layers"]:
+    assert key in keys
