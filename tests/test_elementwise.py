@@ -232,3 +232,18 @@ def test_refused_different_scanned_axes():
   check_refused(lambda x: x + x.T, x, "add", "different axes")
   check_refused(lambda x: jnp.where(x > 0, x, x.T), x, "select_n",
                 "different axes")
+
+
+def test_refused_first_element_broadcast_over_time():
+  # xs[:1] + xs: lax broadcasts the size-1 axis; the step would add x_t
+  # to itself instead of x_0
+  check_refused(lambda xs: xs[:1] + xs, xs_of(), "add",
+                "one element along the scanned axis 0")
+  check_refused(lambda xs: lax.mul(jnp.cumsum(xs, 0)[:1], xs), xs_of(),
+                "mul")
+  check_refused(lambda xs: jnp.where(xs[:1] > 0, xs, 0.), xs_of())
+
+
+def test_size_one_unscanned_operand_broadcasts():
+  bias = jnp.arange(D, dtype=jnp.float32)[None]   # [1, D]
+  check_scan(lambda xs: lax.add(xs, bias) * lax.max(bias, xs), xs_of())

@@ -7,6 +7,7 @@ are sliced to the current position; scalars pass through.
 from jax.extend.core import primitives as P
 
 from scanagram.interpreter import register
+from scanagram.kinds import UNSCANNED
 from scanagram.rules.common import pointwise, scanned_operands
 
 _NAMES = """
@@ -40,9 +41,15 @@ def elementwise_rule(e):
 
 
 def broadcast_operand_axes(e, axis):
-  """Each operand's time axis, or None for scalars and operands of size 1
-  along it (lax broadcasts size-1 axes)."""
+  """Each operand's time axis, or None for scalars and unscanned operands of
+  size 1 along it (lax broadcasts size-1 axes). A scanned operand of size 1
+  along it (``xs[:1] + xs``) would meet every position: refused."""
   size = e.out_avals[0].shape[axis]
+  for k, a in zip(e.in_kinds, e.in_avals):
+    if k is not UNSCANNED and a.ndim and a.shape[axis] == 1 and size != 1:
+      raise e.refuse(
+          "it broadcasts a sequence of one element along the scanned axis "
+          f"{axis} over all {size} positions")
   return [None if a.ndim == 0 or (a.shape[axis] == 1 and size != 1) else axis
           for a in e.in_avals]
 
