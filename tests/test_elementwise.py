@@ -247,3 +247,20 @@ def test_refused_first_element_broadcast_over_time():
 def test_size_one_unscanned_operand_broadcasts():
   bias = jnp.arange(D, dtype=jnp.float32)[None]   # [1, D]
   check_scan(lambda xs: lax.add(xs, bias) * lax.max(bias, xs), xs_of())
+
+
+def test_bitcast_convert_type():
+  def f(xs):
+    b = lax.bitcast_convert_type(xs, jnp.uint8)            # [L, D, 4]
+    w = lax.bitcast_convert_type(xs[:, 0], jnp.uint16)     # [L, 2]
+    back = lax.bitcast_convert_type(b, jnp.float32)        # [L, D]
+    return (b.astype(jnp.int32).sum(-1), w, back,
+            lax.bitcast_convert_type(xs, jnp.int32))
+  check_scan(f, xs_of())
+
+
+def test_refused_bitcast_packing_time():
+  # uint8 bytes along the scanned axis packed into one float32
+  check_refused(lambda b: lax.bitcast_convert_type(b.T, jnp.float32),
+                xs_of(jnp.uint8, shape=(4, 3)), "bitcast_convert_type",
+                "bytes")

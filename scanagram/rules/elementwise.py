@@ -56,10 +56,11 @@ def broadcast_operand_axes(e, axis):
 
 @register(P.bitcast_convert_type_p)
 def bitcast_rule(e):
-  """Causal when the scanned axis is not the last (bit widths may change it)."""
+  """Causal unless the scanned axis is the trailing axis of bytes that a
+  narrower input type packs into a wider output element."""
   axis = scanned_axis(e)
-  if axis >= min(e.in_avals[0].ndim, e.out_avals[0].ndim) - 1 and (
-      e.in_avals[0].ndim != e.out_avals[0].ndim):
+  if e.in_avals[0].ndim > e.out_avals[0].ndim and (
+      axis == e.in_avals[0].ndim - 1):
     raise e.refuse("it reinterprets the scanned axis as bytes of another type")
   return pointwise(e, [axis], [axis])
 
