@@ -6,8 +6,10 @@ Both are small, stable corners of JAX; keeping them here means a JAX upgrade
 that moves them breaks one file.
 """
 from jax._src import source_info_util
-# jnp.split's and jnp.stack's primitives; not re-exported
-from jax._src.lax.lax import split_p, stack_p, unstack_p
+# jnp.split's, jnp.stack's, jnp.tile's and .at[].subtract's primitives; not
+# re-exported
+from jax._src.lax.lax import split_p, stack_p, tile_p, unstack_p
+from jax._src.lax.slicing import scatter_sub_p
 from jax._src.interpreters.partial_eval import convert_constvars_jaxpr
 from jax.interpreters import ad, batching, mlir
 
@@ -39,4 +41,4 @@ def name_stack(source_info) -> str:
 
 
 __all__ = ["user_source_line", "name_stack", "split_p", "stack_p",
-           "unstack_p", "ad", "batching", "mlir"]
+           "unstack_p", "tile_p", "scatter_sub_p", "ad", "batching", "mlir"]

@@ -264,3 +264,18 @@ def test_refused_bitcast_packing_time():
   check_refused(lambda b: lax.bitcast_convert_type(b.T, jnp.float32),
                 xs_of(jnp.uint8, shape=(4, 3)), "bitcast_convert_type",
                 "bytes")
+
+
+def test_total_order_comparisons():
+  from jax.extend.core import primitives as P
+  def f(ab):
+    a, b = ab
+    a = jnp.where(a > 1, jnp.nan, a)
+    return (P.eq_to_p.bind(a, b), P.le_to_p.bind(a, b),
+            P.lt_to_p.bind(b, a))
+  check_scan(f, (xs_of(seed=1), xs_of(seed=2)))
+
+
+def test_sort_with_nans_uses_total_order():
+  check_scan(lambda x: jnp.sort(jnp.where(x > 1, jnp.nan, x), axis=1),
+             xs_of())

@@ -156,6 +156,7 @@ def test_scatter_set_scanned_updates():
   check_scan(lambda a: a[0].at[:, 2].mul(a[1]), a)
   check_scan(lambda a: a[0].at[:, 2].min(a[1]), a)
   check_scan(lambda a: a[0].at[:, 2].max(a[1]), a)
+  check_scan(lambda a: a[0].at[:, 2].subtract(a[1]), a)
 
 
 def test_scatter_updates_scanned_operand_unscanned():

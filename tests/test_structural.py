@@ -210,3 +210,14 @@ def test_refused_dynamic_slice_window_of_time():
                 .sum() + xs, xs_of(), "dynamic_slice")
   check_refused(lambda xs: lax.dynamic_update_slice(
       xs, jnp.zeros((2, 4)), (2, 0)), xs_of(), "dynamic_update_slice")
+
+
+def test_tile_other_axes():
+  def f(xs):
+    return jnp.tile(xs, (1, 2)), jnp.tile(xs[:, None], (1, 3, 1)).sum(1)
+  check_scan(f, xs_of())
+
+
+def test_refused_tile_time():
+  check_refused(lambda xs: jnp.tile(xs, (2, 1))[:L], xs_of(), "tile",
+                "repeats the whole sequence")

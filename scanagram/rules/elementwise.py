@@ -13,8 +13,8 @@ from scanagram.rules.common import pointwise, scanned_operands
 _NAMES = """
 abs acos acosh add add_jaxvals and asin asinh atan atan2 atanh bessel_i0e bessel_i1e
 cbrt ceil clamp clz complex conj convert_element_type copy cos cosh digamma div
-eq erf erf_inv erfc exp exp2 expm1 floor ge gt igamma igamma_grad_a igammac imag
-integer_pow is_finite le lgamma log log1p logistic lt max min mul ne neg
+eq eq_to erf erf_inv erfc exp exp2 expm1 floor ge gt igamma igamma_grad_a igammac imag
+integer_pow is_finite le le_to lgamma log log1p logistic lt lt_to max min mul ne neg
 nextafter not or polygamma population_count pow real reduce_precision
 regularized_incomplete_beta rem round rsqrt select_n shift_left
 shift_right_arithmetic shift_right_logical sign sin sinh sqrt square

@@ -12,6 +12,8 @@ The index vector is always the last axis of the indices (JAX's convention).
 """
 from jax.extend.core import primitives as P
 
+from scanagram import _jax_internals
+
 from scanagram.interpreter import register
 from scanagram.kinds import UNSCANNED, is_scanned
 from scanagram.rules.common import only_scanned, pointwise, with_size
@@ -97,7 +99,7 @@ def gather_rule(e):
 
 
 _SCATTERS = [P.scatter_p, P.scatter_add_p, P.scatter_mul_p, P.scatter_min_p,
-             P.scatter_max_p]
+             P.scatter_max_p, _jax_internals.scatter_sub_p]
 
 
 @register(*_SCATTERS)

@@ -129,3 +129,13 @@ def unstack_rule(e):
     raise e.refuse(f"it unstacks the scanned axis {axis} into one value per "
                    "position")
   return pointwise(e, [axis], [axis - (axis > gone)] * len(e.out_avals))
+
+
+@register(_jax_internals.tile_p)
+def tile_rule(e):
+  """Causal unless it repeats the scanned axis (``reps`` > 1 along it)."""
+  axis = e.in_kinds[0].axis
+  if e.params["reps"][axis] != 1:
+    raise e.refuse(f"it repeats the whole sequence along the scanned axis "
+                   f"{axis} {e.params['reps'][axis]} times")
+  return pointwise(e, [axis], [axis])
