@@ -100,7 +100,8 @@ class WaveNetQueues:
       past = lax.dynamic_index_in_dim(queue, slot, 1, keepdims=False)
       queues.append(lax.dynamic_update_index_in_dim(queue, h, slot, 1))
       w, b = params[f"dilated_{i}"]["w"], params[f"dilated_{i}"]["b"]
-      z = past @ w[0] + h @ w[1] + b
+      # the kernel-2 convolution as one matmul: [x_{t-r}, x_t] @ [w0; w1]
+      z = jnp.concatenate([past, h], -1) @ w.reshape(2 * c, 2 * c) + b
       g = jnp.tanh(z[..., :c]) * jax.nn.sigmoid(z[..., c:])
       h = h + linear(f"residual_{i}", g)
       skip = skip + linear(f"skip_{i}", g)
