@@ -24,3 +24,8 @@ def test_composite():
 def test_reduce_over_time_refused():
   check_refused(lambda xs: xs.sum(0), jnp.zeros((5, 2)), "reduce_sum",
                 "sums over the scanned axis 0")
+
+
+def test_device_put_keeps_kinds():
+  check_scan(lambda xs: jax.device_put(jnp.cumsum(xs, 0)) * 2,
+             random_like(jnp.zeros((5, 2))))

@@ -6,7 +6,7 @@ are sliced to the current position; scalars pass through.
 """
 from jax.extend.core import primitives as P
 
-from scanagram.interpreter import register
+from scanagram.interpreter import bind, register, stateless
 from scanagram.kinds import UNSCANNED
 from scanagram.rules.common import pointwise, scanned_operands
 
@@ -67,11 +67,6 @@ def bitcast_rule(e):
 
 @register(P.device_put_p)
 def device_put_rule(e):
-  """Moves each operand unchanged: causal, kinds pass through."""
-  axes = [k.axis if k is not None and hasattr(k, "axis") else None
-          for k in e.in_kinds]
-  from scanagram.kinds import UNSCANNED
-  # device_put is multi-operand: each output has its operand's kind.
-  if any(k is UNSCANNED for k in e.in_kinds):
-    raise e.refuse("device_put of a mix of scanned and unscanned values")
-  return pointwise(e, axes, axes)
+  """Moves each operand unchanged: causal; every output keeps its operand's
+  kind."""
+  return stateless(e.in_kinds, lambda ctx, ins: bind(e.eqn, ins))
