@@ -51,7 +51,7 @@ def test_matmul_form_with_float_mask_multiplication():
   """Causal masking by multiplying weights with a 0/1 mask also proves."""
   def f(x):
     q, k, v = qkv(x)
-    weights = jnp.exp(jnp.tanh(q @ k.T)) * jnp.tril(jnp.ones((L, L)))
+    weights = jax.nn.sigmoid(q @ k.T * 0.5) * jnp.tril(jnp.ones((L, L)))
     return weights @ v
   check_scan(f, random_like(jnp.zeros((L, D))))
 
@@ -220,3 +220,13 @@ def test_window_with_a_bias_table():
     logits = jnp.where(window_mask(L, 2), logits, -jnp.inf)
     return jax.nn.softmax(logits) @ v
   check_scan(f, random_like(jnp.zeros((L, D))), prefill_lengths=range(L + 1))
+
+
+def test_multiplying_possibly_infinite_scores_by_zero_refused():
+  """log of the scores can be -inf where the step's buffer is still empty:
+  0 · -inf is NaN, so the multiplicative mask proves nothing there."""
+  def f(x):
+    q, k, v = qkv(x)
+    weights = jnp.log(jnp.abs(q @ k.T)) * jnp.tril(jnp.ones((L, L)))
+    return weights @ v
+  check_refused(f, _x(), "dot_general", "no causal mask")

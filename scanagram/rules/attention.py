@@ -39,6 +39,20 @@ from scanagram.rules.linalg import _dot_out_axis
 
 NEG_THRESHOLD = -1e4
 
+# TAINTED values that are finite in the step: q·kᵀ against a zero-filled
+# buffer gives finite scores there, and these ops keep them finite. Only
+# finite taint may be multiplied away by an exact 0 (0 · inf is NaN).
+TAINTED_FINITE = type(TAINTED)("TAINTED_FINITE")
+_KEEPS_FINITE = frozenset("""
+add sub mul neg max min abs sign tanh logistic sin cos atan erf clamp
+integer_pow convert_element_type stop_gradient copy reduce_precision name
+sharding_constraint
+""".split())
+
+
+def _is_tainted(future) -> bool:
+  return future is TAINTED or future is TAINTED_FINITE
+
 
 # -- buffers ------------------------------------------------------------------
 class Buffer:
@@ -129,7 +143,7 @@ def dot_general_rule(e):
     window = None
   kind = History(_dot_out_axis(dims, 0, q.axis, ndims),
                  _dot_out_axis(dims, 1, k.axis, ndims),
-                 min(q.ahead, k.ahead), TAINTED, window, origin)
+                 min(q.ahead, k.ahead), TAINTED_FINITE, window, origin)
   # rows may not run ahead of the keys: the buffer must hold every key <= row
   delay = DelayLine(q.axis, e.in_avals[0].shape[q.axis], k.ahead,
                     q.ahead - k.ahead) if q.ahead > k.ahead else None
@@ -173,7 +187,7 @@ def weights_times_values_rule(e):
         "the time axis of a value sequence")
   if h.axis in contract[hs] or h.axis in batch[hs]:
     raise e.refuse("it contracts the query positions of attention scores")
-  if h.future != 0.0 or h.future is TAINTED:
+  if h.future != 0.0 or _is_tainted(h.future):
     raise e.refuse(_why_weights_not_zero(h))
   if v.ahead < h.ahead or (h.window is not None and v.ahead != h.ahead):
     raise e.refuse("its values run behind the attention rows")
@@ -195,7 +209,7 @@ def weights_times_values_rule(e):
 
 
 def _why_weights_not_zero(h):
-  if h.future is TAINTED:
+  if _is_tainted(h.future):
     return ("it mixes attention scores over every position of the sequence "
             "and no causal mask removes the future positions (mask the "
             "logits with jnp.where(mask, logits, -1e9) before softmax)")
@@ -254,11 +268,13 @@ def _is_neg(f):
 def _combine_future(e, futures):
   """The output's future record from its operands' (elementwise ops)."""
   name = e.primitive.name
-  if name in ("mul", "and") and any(f == 0.0 and not isinstance(f, str)
-                                    for f in futures):
-    return 0.0  # 0 times a finite value, in both modes
-  if TAINTED in futures:
-    return TAINTED
+  tainted = [f for f in futures if _is_tainted(f)]
+  finite = all(f is TAINTED_FINITE for f in tainted)
+  if name in ("mul", "and") and finite and any(
+      f == 0.0 and not isinstance(f, str) for f in futures):
+    return 0.0  # 0 times a value that is finite in both modes
+  if tainted:
+    return TAINTED_FINITE if finite and name in _KEEPS_FINITE else TAINTED
   if all(isinstance(f, float) for f in futures):
     scalars = [np.asarray(f, a.dtype) for f, a in zip(futures, e.in_avals)]
     out = bind(e.eqn, scalars, _scalar_params(e.params))[0]
@@ -362,7 +378,7 @@ def select_rule(e):
     if not where.any():
       continue
     f = _operand_future(e, case, region)
-    if f is TAINTED:
+    if _is_tainted(f):
       index = np.argwhere(where)[0]
       which = ("a future position (a causal mask keeps key j for query i "
                "only when j <= i)" if index[h.key_axis] > index[h.axis] else
@@ -455,7 +471,7 @@ def reduce_rule(e):
                    "scores")
   new_axis = h.axis - sum(d < h.axis for d in axes)
   if h.key_axis in axes:
-    if h.future is TAINTED:
+    if _is_tainted(h.future):
       raise e.refuse(
           f"{name} reduces over every position of the sequence (the keys of "
           "q·kᵀ) and no causal mask removes the future positions first")
@@ -466,8 +482,10 @@ def reduce_rule(e):
                      "positions outside the window")
     return pointwise(e, [h.axis], [new_axis])
   new_key = h.key_axis - sum(d < h.key_axis for d in axes)
-  future = h.future if h.future in (TAINTED, 0.0) and name == (
-      "reduce_sum") or h.future is TAINTED else EXACT
+  if _is_tainted(h.future):
+    future = h.future if name == "reduce_sum" else TAINTED
+  else:
+    future = h.future if h.future == 0.0 and name == "reduce_sum" else EXACT
   out = h.replace(axis=new_axis, key_axis=new_key, future=future)
   return pointwise(e, [h.axis], [new_axis], out_kinds=[out])
 
