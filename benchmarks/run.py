@@ -271,26 +271,29 @@ def bench_transformer(config, results):
     results[f"transformer_generate_ms_per_token_{side}"] = 1e3 * s
   log(f"  generate {length} tokens, ms/token: " + ", ".join(
       f"{side} {1e3 * s:.2f}" for side, s in per_token.items()))
-  latency = latency_by_position(model, pair, params, tokens, c)
+  latency = latency_by_position(model, pair, base, params, tokens, c)
   return model, pair, params, tokens, latency
 
 
-def latency_by_position(model, pair, params, tokens, c):
+def latency_by_position(model, pair, base, params, tokens, c):
   """Per-token seconds at each position 0..L-1 for one jitted, donated
-  derived step; for naive recomputation at a few positions (the training
-  model on the exact prefix, compiled per length) and padded to L."""
+  derived step and hand-written step; for naive recomputation at a few
+  positions (the training model on the exact prefix, compiled per length)."""
   length = c["length"]
-  step = jax.jit(pair.functions.step, donate_argnums=1)
-  carry = pair.init(params)
-  x = tokens[:, 0]
-  carry, y = step(params, carry, x)            # compile
-  carry = pair.init(params)
-  derived = []
-  for i in range(length):
-    start = time.perf_counter()
-    carry, y = step(params, carry, tokens[:, i])
-    jax.block_until_ready(y)
-    derived.append(time.perf_counter() - start)
+
+  def per_position(init, step):
+    step = jax.jit(step, donate_argnums=1)
+    carry, y = step(params, init(params), tokens[:, 0])   # compile
+    carry = init(params)
+    times = []
+    for i in range(length):
+      start = time.perf_counter()
+      carry, y = step(params, carry, tokens[:, i])
+      jax.block_until_ready(y)
+      times.append(time.perf_counter() - start)
+    return np.array(times)
+  derived = per_position(pair.init, pair.functions.step)
+  hand_written = per_position(base.init, base.step)
   forward = jax.jit(lambda p, seq: model.apply(p, None, seq))
   naive = []
   for t in c["latency_positions"]:
@@ -302,7 +305,8 @@ def latency_by_position(model, pair, params, tokens, c):
       jax.block_until_ready(forward(params, prefix))
       times.append(time.perf_counter() - start)
     naive.append(float(np.median(times)))
-  return {"derived": np.array(derived), "naive_positions": np.array(
+  return {"derived": derived, "hand_written": hand_written,
+          "naive_positions": np.array(
       c["latency_positions"]) - 1, "naive": np.array(naive)}
 
 
@@ -341,6 +345,11 @@ def bench_conversion(config, results):
   convert_s, compile_s, forward_s, base_s = seconds_by_depth[deepest]
   results["convert_compile_ratio_24_layers"] = (
       (convert_s + compile_s) / forward_s)
+  # linear growth: (t_deepest / t_next) / (n_deepest / n_next) is ~1
+  if len(config["depths"]) > 1:
+    n_prev = sorted(config["depths"])[-2]
+    results["convert_seconds_growth_vs_linear"] = (
+        (convert_s / seconds_by_depth[n_prev][0]) / (deepest / n_prev))
   # reference: compiling the hand-written step / compiling the forward
   results["hand_written_compile_ratio_24_layers"] = base_s / forward_s
   return seconds_by_depth
@@ -403,6 +412,8 @@ def plot(latency, seconds_by_depth, path):
   derived = latency["derived"]
   left.plot(np.arange(len(derived)), 1e3 * derived, lw=0.8,
             label="derived step (one call per token)")
+  left.plot(np.arange(len(derived)), 1e3 * latency["hand_written"], lw=0.8,
+            label="hand-written KV-cache step")
   left.plot(latency["naive_positions"], 1e3 * latency["naive"], "o-",
             label="naive recomputation on the prefix")
   left.set(xlabel="position", ylabel="ms per token", yscale="log",
