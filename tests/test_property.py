@@ -1,0 +1,82 @@
+"""Property: any composition of causal building blocks converts, and its
+step matches the training mode for every prefill length (hypothesis draws
+the composition)."""
+import jax
+import jax.numpy as jnp
+from hypothesis import given, settings, strategies as st
+from jax import lax
+
+from conftest import check_scan, random_like
+
+L, D = 7, 3
+W = jax.random.normal(jax.random.key(3), (D, D)) / 2
+K = jax.random.normal(jax.random.key(4), (2, D, D)) / 2
+POS = jax.random.normal(jax.random.key(5), (L, D))
+
+
+def attention(x):
+  logits = jnp.where(jnp.tril(jnp.ones((L, L), bool)), (x @ W) @ x.T, -1e9)
+  return jax.nn.softmax(logits) @ x
+
+
+BLOCKS = {
+    "tanh": jnp.tanh,
+    "matmul": lambda x: x @ W,
+    "shift": lambda x: jnp.concatenate([jnp.zeros((1, D)), x[:-1]]),
+    "pad_shift2": lambda x: jnp.pad(x, ((2, 0), (0, 0)))[:L],
+    "cumsum": lambda x: jnp.cumsum(x, 0) / L,
+    "cummax": lambda x: lax.cummax(x, 0),
+    "position": lambda x: x + POS,
+    "conv": lambda x: lax.conv_general_dilated(
+        x[None], K, (1,), [(2, 0)], rhs_dilation=(2,),
+        dimension_numbers=("NWC", "WIO", "NWC"))[0],
+    "rnn": lambda x: lax.scan(lambda h, a: (jnp.tanh(h @ W + a),) * 2,
+                              jnp.zeros(D), x)[1],
+    "transpose_roundtrip": lambda x: jnp.swapaxes(
+        jnp.swapaxes(x, 0, 1) * 2, 0, 1),
+    "attention": attention,
+    "layernorm": lambda x: (x - x.mean(-1, keepdims=True)) / (
+        x.std(-1, keepdims=True) + 1),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from(sorted(BLOCKS)), min_size=1, max_size=5),
+       st.integers(0, L))
+def test_composition_of_causal_blocks(names, prompt_length):
+  def fun(x):
+    for name in names:
+      x = BLOCKS[name](x) + x * 0.5
+    return x
+  check_scan(fun, random_like(jnp.zeros((L, D)), seed=len(names)),
+             prefill_lengths=[prompt_length], tol=1e-4)
+
+
+ANTI_CAUSAL = {
+    "reverse": lambda x: x[::-1],
+    "shift_left": lambda x: jnp.concatenate([x[1:], jnp.zeros((1, D))]),
+    "mean_over_time": lambda x: x - x.mean(0),
+    "unmasked_attention": lambda x: jax.nn.softmax((x @ W) @ x.T) @ x,
+    "future_conv": lambda x: lax.conv_general_dilated(
+        x[None], K, (1,), [(0, 1)], dimension_numbers=("NWC", "WIO", "NWC"))[0],
+    "roll": lambda x: jnp.roll(x, 1, axis=0),
+}
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.sampled_from(sorted(BLOCKS)), max_size=3),
+       st.sampled_from(sorted(ANTI_CAUSAL)),
+       st.lists(st.sampled_from(sorted(BLOCKS)), max_size=3))
+def test_one_anti_causal_block_is_always_refused(before, bad, after):
+  import pytest
+  import scanagram
+
+  def fun(x):
+    for name in before:
+      x = BLOCKS[name](x) + x
+    x = ANTI_CAUSAL[bad](x) + x
+    for name in after:
+      x = BLOCKS[name](x) + x
+    return x
+  with pytest.raises(scanagram.ScanConversionError, match="test_property.py"):
+    scanagram.as_scan(fun, jnp.zeros((L, D)))
