@@ -277,12 +277,6 @@ def _tree_to_jax(tree):
       else jnp.asarray(x), tree)
 
 
-def _drop_axis(spec, axis):
-  shape = list(spec.shape)
-  del shape[axis % len(shape)]
-  return jax.ShapeDtypeStruct(tuple(shape), spec.dtype)
-
-
 def _check_tree(what, tree, specs, axis=None, length_range=None):
   """Checks ``tree`` against ``specs`` (a pytree of ShapeDtypeStructs); with
   ``axis``, the leaves have an extra axis there whose length must lie in
@@ -333,32 +327,13 @@ def _check_tree(what, tree, specs, axis=None, length_range=None):
 
 
 def _element_spec(pair):
-  """The spec (ShapeDtypeStructs) of one element ``x`` of the pair's input."""
-  for name in ("element_spec", "x_spec"):
-    spec = getattr(pair, name, None)
-    if spec is not None:
-      return spec() if callable(spec) else spec
-  for name in ("xs_spec", "example_xs", "example"):
-    spec = getattr(pair, name, None)
-    if spec is not None:
-      spec = spec() if callable(spec) else spec
-      return jax.tree.map(
-          lambda s: _drop_axis(jax.ShapeDtypeStruct(s.shape, s.dtype),
-                               pair.axis), spec)
-  # A pair wrapping scanagram's StepFunctions: its scanned argument's spec.
-  for value in vars(pair).values() if hasattr(pair, "__dict__") else ():
-    in_specs = getattr(value, "_in_specs", None)
-    in_axes = getattr(value, "in_axes", None)
-    if in_specs is None or in_axes is None:
-      continue
-    examples = jax.tree.unflatten(value._in_tree, in_specs)
-    scanned = [(ex, ax) for ex, ax in zip(examples, in_axes)
-               if ax is not None]
-    if len(scanned) == 1:
-      ex, ax = scanned[0]
-      return jax.tree.map(lambda s: _drop_axis(s, ax), ex)
-  raise TypeError(f"{type(pair).__name__} does not tell the shape of its "
-                  "input (no element_spec / xs_spec attribute)")
+  """The spec (ShapeDtypeStructs) of one element ``x`` of the pair's input:
+  ``adapters.haiku.StepPair`` and the loaded ``ExportedPair`` both have it."""
+  spec = getattr(pair, "element_spec", None)
+  if spec is None:
+    raise TypeError(f"{type(pair).__name__} has no element_spec: TorchStepper "
+                    "takes an adapters.haiku.StepPair (or a loaded export)")
+  return spec
 
 
 # -- TorchStepper --------------------------------------------------------------
@@ -426,13 +401,13 @@ class TorchStepper:
 
   Example:
     >>> import jax.numpy as jnp, torch
-    >>> from adapters.haiku import to_step                     # doctest: +SKIP
+    >>> from adapters.haiku import to_step
     >>> pair = to_step(lambda w, xs: jnp.cumsum(xs @ w, axis=0),
-    ...                jnp.ones((8, 2)), params=jnp.ones((2, 2)))  # doctest: +SKIP
-    >>> stepper = TorchStepper(pair, jnp.eye(2))                  # doctest: +SKIP
-    >>> stepper.reset(torch.ones(3, 2)).tolist()                  # doctest: +SKIP
+    ...                jnp.ones((8, 2)), params=jnp.ones((2, 2)))
+    >>> stepper = TorchStepper(pair, jnp.eye(2))
+    >>> stepper.reset(torch.ones(3, 2)).tolist()
     [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]
-    >>> stepper(torch.ones(2)).tolist()                           # doctest: +SKIP
+    >>> stepper(torch.ones(2)).tolist()
     [4.0, 4.0]
   """
 

@@ -201,34 +201,9 @@ def _params(seed=0):
           "b": jax.random.normal(k2, (H,))}
 
 
-class _ShimPair:
-  """The StepPair interface of adapters.haiku, for a plain fun(params, xs)."""
-  has_state = False
-
-  def __init__(self, fun, params, xs, axis):
-    import scanagram
-    self.axis = axis
-    self.fns = scanagram.to_step(fun, params, xs, in_axes=(None, axis),
-                                 out_axes=axis)
-    self.length = self.fns.length
-    self.xs_spec = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), xs)
-
-  def init(self, params):
-    return self.fns.init(params)
-
-  def prefill(self, params, prompt):
-    return self.fns.prefill(params, prompt)
-
-  def step(self, params, carry, x):
-    return self.fns.step(params, carry, x)
-
-  def carry_spec(self):
-    return self.fns.carry_spec()
-
-
 def _pair(fun, params, xs, axis):
-  return _ShimPair(fun, params, xs, axis)
+  from adapters.haiku import StepPair
+  return StepPair(fun, (params,), xs, axis)
 
 
 @pytest.fixture(scope="module")
@@ -351,10 +326,6 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 import textwrap  # noqa: E402
 
-# jax.export serialization needs flatbuffers (not in requirements.txt yet).
-_needs_flatbuffers = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("flatbuffers") is None,
-    reason="jax.export serialization needs the flatbuffers package")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -396,7 +367,6 @@ _LOADER = textwrap.dedent("""
 """)
 
 
-@_needs_flatbuffers
 def test_export_loads_in_a_process_without_haiku_or_model_code(model,
                                                                tmp_path):
   pair, params, xs, want = model
@@ -427,7 +397,6 @@ def test_export_loads_in_a_process_without_haiku_or_model_code(model,
     assert bool(got["refused"])
 
 
-@_needs_flatbuffers
 def test_loaded_stepper_in_process_equals_the_live_one(model, tmp_path):
   pair, params, xs, want = model
   path = str(tmp_path / "step.zip")
@@ -446,8 +415,8 @@ def test_loaded_stepper_in_process_equals_the_live_one(model, tmp_path):
 
 # -- with adapters.haiku -------------------------------------------------------
 def _haiku_pair():
-  hk = pytest.importorskip("haiku")
-  adapters_haiku = pytest.importorskip("adapters.haiku")
+  import haiku as hk
+  import adapters.haiku as adapters_haiku
 
   def forward(xs):                         # xs: [B, T, D], batch-major
     h = hk.Conv1D(H, kernel_shape=3, padding=hk.pad.causal)(xs)
@@ -464,7 +433,6 @@ def _haiku_pair():
   return pair, params, xs, model.apply(params, xs)
 
 
-@_needs_flatbuffers
 def test_haiku_conv_lstm_through_stepper_and_export(tmp_path):
   pair, params, xs, want = _haiku_pair()
   stepper = TorchStepper(pair, params)
