@@ -46,14 +46,14 @@ from benchmarks import baselines, models
 from benchmarks.timing import interleaved, seconds
 
 FULL = dict(
-    batch=8, repeats=9, warmup=1, call_repeats=7, calls=32,
+    batch=8, repeats=15, warmup=1, call_repeats=11, calls=32,
     lstm=dict(input=64, hidden=256, length=256, steps=256),
     wavenet=dict(input=32, channels=64, layers=8, out=64, length=512,
                  steps=256),
     transformer=dict(d_model=256, heads=4, layers=4, length=512, vocab=256,
-                     steps=64, naive_tokens=4, generate_repeats=5,
+                     steps=64, naive_tokens=4, generate_repeats=7,
                      latency_positions=(1, 64, 128, 256, 384, 512)),
-    depths=(2, 6, 12, 24), torch_calls=64,
+    depths=(2, 6, 12, 24), convert_repeats=3, torch_calls=64,
 )
 SMOKE = dict(
     batch=2, repeats=2, warmup=1, call_repeats=2, calls=4,
@@ -62,7 +62,7 @@ SMOKE = dict(
     transformer=dict(d_model=16, heads=2, layers=2, length=16, vocab=32,
                      steps=8, naive_tokens=2, generate_repeats=2,
                      latency_positions=(1, 8, 16)),
-    depths=(1, 2), torch_calls=4,
+    depths=(1, 2), convert_repeats=1, torch_calls=4,
 )
 TARGETS = {
     "lstm_step_ratio": ("<=", 1.10),
@@ -314,25 +314,34 @@ def bench_conversion(config, results):
   """to_step + compiling the step against compiling the forward, for
   transformers of several depths (fresh models: no tracing cache helps)."""
   c = config["transformer"]
-  seconds_by_depth = {}
-  for n in config["depths"]:
+  spec = jax.ShapeDtypeStruct((1, c["length"]), jnp.int32)
+  x = jax.ShapeDtypeStruct((1,), jnp.int32)
+
+  def measure(n):
     def build():
       return models.transformer(c["d_model"], c["heads"], n, c["length"],
                                 c["vocab"])
-    spec = jax.ShapeDtypeStruct((1, c["length"]), jnp.int32)
     params = jax.eval_shape(build().init, jax.random.key(0), spec)
     model = build()
     forward_s, _ = seconds(lambda: jax.jit(
         lambda p, seq: model.apply(p, None, seq)).lower(params, spec).compile())
     model = build()
     convert_s, pair = seconds(lambda: to_step(model, spec, axis=1))
-    x = jax.ShapeDtypeStruct((1,), jnp.int32)
     compile_s, _ = seconds(lambda: jax.jit(pair.functions.step).lower(
         params, pair.carry_spec(), x).compile())
     base = baselines.TransformerCache(c["d_model"], c["heads"], n,
                                       c["length"], 1)
     base_s, _ = seconds(lambda: jax.jit(base.step).lower(
         params, jax.eval_shape(base.init, params), x).compile())
+    return convert_s, compile_s, forward_s, base_s
+
+  samples = {n: [] for n in config["depths"]}
+  for _ in range(config["convert_repeats"]):   # depths interleaved
+    for n in config["depths"]:
+      samples[n].append(measure(n))
+  seconds_by_depth = {}
+  for n in config["depths"]:
+    convert_s, compile_s, forward_s, base_s = np.median(samples[n], axis=0)
     results[f"convert_seconds_{n}_layers"] = convert_s
     results[f"compile_step_seconds_{n}_layers"] = compile_s
     results[f"compile_forward_seconds_{n}_layers"] = forward_s
@@ -340,7 +349,8 @@ def bench_conversion(config, results):
     seconds_by_depth[n] = (convert_s, compile_s, forward_s, base_s)
     log(f"  {n} layers: convert {convert_s:.2f} s, compile step "
         f"{compile_s:.2f} s, compile forward {forward_s:.2f} s, compile "
-        f"hand-written step {base_s:.2f} s")
+        f"hand-written step {base_s:.2f} s (medians of "
+        f"{len(samples[n])}; all: {np.round(samples[n], 2).tolist()})")
   deepest = max(config["depths"])
   convert_s, compile_s, forward_s, base_s = seconds_by_depth[deepest]
   results["convert_compile_ratio_24_layers"] = (
