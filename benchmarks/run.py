@@ -29,6 +29,18 @@ JSON keys (figure name -> number):
   torch_step_ratio: TorchStepper call / the same jitted, donated step called
     from JAX (target <= 1.15); torch_run_speedup: 64 TorchStepper calls /
     one TorchStepper.run over 64 steps.
+
+Diagnostics (no target): ``*_step_ms_*`` and ``*_generate_ms_per_token_*``
+(absolute times), ``*_call_ratio`` (one dispatch per token),
+``transformer_step_ratio_vs_model_layout`` and
+``transformer_generate_ratio_vs_model_layout`` (against the hand-written
+step with its caches in Haiku's ``[B, L, H, dh]`` layout, the layout of the
+derived carry: separates the cost of the layout from the rest),
+``compile_hand_written_step_seconds_<n>_layers`` and
+``hand_written_compile_ratio_24_layers`` (what compiling a hand-written
+step costs against the forward), ``convert_seconds_growth_vs_linear`` (~1
+when conversion time grows linearly with depth), the machine's
+``cpu_count`` and ``load_average_1min``, and ``smoke``.
 """
 import argparse
 import json
