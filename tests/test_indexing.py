@@ -230,3 +230,23 @@ def test_scatter_refused_scanned_updates_summed_into_other_axis():
     counts = jnp.zeros((7,)).at[t].add(1.)
     return jnp.broadcast_to(counts, (L, 7))
   check_refused(f, ids(14), "scatter")
+
+
+def test_gather_truncating_time_and_indexing_other_axis():
+  # x[:-2, idx] is one gather whose window along time starts at 0
+  def f(xs):
+    head = xs[:-2, jnp.array([0, 2, 1, 3])]
+    return jnp.concatenate([head, jnp.ones((2, 4))])
+  check_scan(f, random_like(jnp.zeros((L, 4))), prefill_lengths=range(L + 1))
+
+  def g(xs):                       # of a shifted value: runs ahead
+    prev = jnp.pad(xs, ((1, 0), (0, 0)))
+    return prev[:L, jnp.array([3, 3, 0])]
+  check_scan(g, random_like(jnp.zeros((L, 4))), prefill_lengths=range(L + 1))
+
+
+def test_gather_refused_window_not_at_start():
+  xs = random_like(jnp.zeros((L, 4)))
+  check_refused(lambda xs: jnp.concatenate(
+      [xs[1:, jnp.array([0, 2])], jnp.ones((1, 2))]), xs, "gather",
+      "not from its start")

@@ -6,14 +6,15 @@ axis that the operand and the indices share (``take_along_axis``), or a batch
 axis of the indices alone (an embedding lookup ``table[ids]`` of scanned token
 ids). Indexing *into* the scanned axis (``xs[idx]``, ``xs[::-1]`` as a
 gather) picks positions of time chosen by the indices and is refused, unless
-the window covers the whole axis (the start along it is then 0).
+the window covers the whole axis (the start along it is then 0) or starts at
+element 0 (``xs[:-2, idx]``: a truncated sequence).
 
 The index vector is always the last axis of the indices (JAX's convention).
 """
+import numpy as np
 from jax.extend.core import primitives as P
 
 from scanagram import _jax_internals
-
 from scanagram.interpreter import register
 from scanagram.kinds import UNSCANNED, is_scanned
 from scanagram.rules.common import only_scanned, pointwise, with_size
@@ -30,6 +31,19 @@ def _batch_out_dims(out_ndim, window_out_dims):
   return [d for d in range(out_ndim) if d not in window_out_dims]
 
 
+def _starts_at_zero(e, op_axis):
+  """Whether every window of the gather starts at element 0 of the operand's
+  ``op_axis``: it is not indexed, or its indices are constants that are 0
+  there."""
+  dn = e.params["dimension_numbers"]
+  if op_axis not in dn.start_index_map:
+    return True
+  indices = e.known(1)
+  if indices is None:
+    return False
+  return bool(np.all(indices[..., dn.start_index_map.index(op_axis)] == 0))
+
+
 def _check_axes(e, expected, why):
   """Refuses unless each scanned input runs along its ``expected`` axis."""
   for k, axis in zip(e.in_kinds, expected):
@@ -40,7 +54,7 @@ def _check_axes(e, expected, why):
 @register(P.gather_p)
 def gather_rule(e):
   """Causal when the scanned axis is (a) a window axis of the operand taken
-  whole, with unscanned indices, (b) a batch axis of the indices alone, with
+  whole or from its start, with unscanned indices, (b) a batch axis of the indices alone, with
   an unscanned operand, or (c) a batching axis shared by operand and indices.
   """
   only_scanned(e, "gather of attention scores is not supported")
@@ -78,11 +92,12 @@ def gather_rule(e):
       raise e.refuse(
           f"it picks single elements along the scanned axis {op_axis} at "
           "positions given by its indices")
-    elif slice_sizes[op_axis] != size:
+    elif slice_sizes[op_axis] != size and not _starts_at_zero(e, op_axis):
       raise e.refuse(
           f"it takes a window of {slice_sizes[op_axis]} of the {size} "
-          f"elements along the scanned axis {op_axis}")
-    else:  # a whole window axis (its start, if indexed, is then 0)
+          f"elements along the scanned axis {op_axis}, not from its start")
+    else:  # a whole window axis (its start, if indexed, is then 0), or the
+      # first elements of it (``xs[:-2, idx]``): a truncated sequence
       ix_axis = None
       out_axis = dn.offset_dims[windows.index(op_axis)]
       _check_axes(e, [op_axis, None],
