@@ -250,3 +250,12 @@ def test_refused_reverse_cumulative_along_time(name):
 def test_refused_jnp_reverse_cumsum():
   check_refused(lambda xs: jnp.flip(jnp.cumsum(jnp.flip(xs, 0), 0), 0),
                 xs_of(), "rev")
+
+
+def test_variadic_reduce_of_shifted_and_unshifted():
+  def f(xs):
+    prev = jnp.pad(xs, ((1, 0), (0, 0)))[:L]
+    return lax.reduce((prev, xs), (0., 0.),
+                      lambda a, b: (a[0] + b[0], jnp.maximum(a[1], b[1])),
+                      (1,))
+  check_scan(f, xs_of(), prefill_lengths=range(L + 1))
