@@ -56,45 +56,59 @@ def _is_tainted(future) -> bool:
 
 # -- buffers ------------------------------------------------------------------
 class Buffer:
-  """The past elements of a scanned value along ``axis``, padded to its
-  training length with zeros (finite, so 0 · unfilled = 0)."""
+  """The past elements of a scanned value along its time axis, padded to its
+  training length with zeros (finite, so 0 · unfilled = 0).
 
-  def __init__(self, axis: int, size: int, ahead: int):
-    self.axis, self.size, self.ahead = axis, size, ahead
+  The buffer is stored with the contraction's batch axes first (``perm``),
+  the layout a hand-written KV cache has (``[B, H, L, dh]`` rather than the
+  projections' ``[B, L, H, dh]``): XLA then reads it in place in both
+  attention products instead of transposing the whole cache every step.
+  ``axis`` is the time axis in that stored layout."""
+
+  def __init__(self, time_axis: int, size: int, ahead: int, perm=None):
+    self.perm = None if perm is None or list(perm) == sorted(perm) else perm
+    self.axis = time_axis if self.perm is None else list(perm).index(
+        time_axis)
+    self.size, self.ahead = size, ahead
+
+  def layout(self, x):
+    return x if self.perm is None else jnp.transpose(x, self.perm)
 
   def prefill(self, x):
+    x = self.layout(x)
     widths = [(0, 0)] * x.ndim
     widths[self.axis] = (0, self.size - x.shape[self.axis])
     return jnp.pad(x, widths)
 
   def step(self, ctx, buf, x):
-    return lax.dynamic_update_slice_in_dim(buf, x.astype(buf.dtype),
-                                           ctx.position + self.ahead,
-                                           self.axis)
+    return lax.dynamic_update_slice_in_dim(
+        buf, self.layout(x).astype(buf.dtype), ctx.position + self.ahead,
+        self.axis)
 
 
 class RingBuffer(Buffer):
   """The last ``window`` elements, element p in slot p mod window. Prefill
   computes with the full buffer and keeps the ring for the steps."""
 
-  def __init__(self, axis: int, size: int, ahead: int, window: int):
-    super().__init__(axis, size, ahead)
+  def __init__(self, time_axis: int, size: int, ahead: int, window: int,
+               perm=None):
+    super().__init__(time_axis, size, ahead, perm)
     self.window = window
 
   def prefill_ring(self, x):
     full = self.prefill(x)
-    newest = x.shape[self.axis] - 1
+    newest = x.shape[self.perm[self.axis] if self.perm else self.axis] - 1
     slots = np.arange(self.window)
     positions = newest - np.mod(newest - slots, self.window)
     ring = jnp.take(full, np.maximum(positions, 0), axis=self.axis)
     valid = (positions >= 0).reshape(
-        [-1 if d == self.axis else 1 for d in range(x.ndim)])
+        [-1 if d == self.axis else 1 for d in range(full.ndim)])
     return jnp.where(valid, ring, jnp.zeros_like(ring)), full
 
   def step(self, ctx, ring, x):
     slot = jnp.mod(ctx.position + self.ahead, self.window)
-    return lax.dynamic_update_slice_in_dim(ring, x.astype(ring.dtype), slot,
-                                           self.axis)
+    return lax.dynamic_update_slice_in_dim(
+        ring, self.layout(x).astype(ring.dtype), slot, self.axis)
 
 
 def ring_positions(ctx, h, size):
@@ -107,10 +121,23 @@ def ring_positions(ctx, h, size):
 
 
 def _make_buffer(kind, e, i, window):
+  """A buffer for operand ``i`` of the dot_general ``e``, batch axes first,
+  and the equation's parameters that read that layout."""
   size = e.in_avals[i].shape[kind.axis]
+  ndim = e.in_avals[i].ndim
+  (contract, batch) = e.params["dimension_numbers"]
+  perm = list(batch[i]) + [d for d in range(ndim) if d not in batch[i]]
   if window is None:
-    return Buffer(kind.axis, size, kind.ahead)
-  return RingBuffer(kind.axis, size, kind.ahead, window)
+    buffer = Buffer(kind.axis, size, kind.ahead, perm)
+  else:
+    buffer = RingBuffer(kind.axis, size, kind.ahead, window, perm)
+  # free axes keep their order, so the output's layout does not change
+  contract, batch = [list(c) for c in contract], [list(b) for b in batch]
+  contract[i] = [perm.index(d) for d in contract[i]]
+  batch[i] = [perm.index(d) for d in batch[i]]
+  params = dict(e.params, dimension_numbers=(tuple(map(tuple, contract)),
+                                             tuple(map(tuple, batch))))
+  return buffer, params
 
 
 def _buffer_prefill(buffer, x):
@@ -147,26 +174,26 @@ def dot_general_rule(e):
   # rows may not run ahead of the keys: the buffer must hold every key <= row
   delay = DelayLine(q.axis, e.in_avals[0].shape[q.axis], k.ahead,
                     q.ahead - k.ahead) if q.ahead > k.ahead else None
-  buffer = _make_buffer(k, e, 1, window)
+  buffer, params = _make_buffer(k, e, 1, window)
 
   # state: the key buffer, and the queue of delayed rows if any
   def prefill(ctx, ins):
     qs, ks = ins
     state, buf = _buffer_prefill(buffer, ks)
     if delay is None:
-      return state, bind(e.eqn, [qs, buf])
+      return state, bind(e.eqn, [qs, buf], params)
     queue, qs = delay.prefill(ctx, qs)
-    return (state, queue), bind(e.eqn, [qs, buf])
+    return (state, queue), bind(e.eqn, [qs, buf], params)
 
   def step(ctx, state, ins):
     qs, ks = ins
     if delay is None:
       buf = buffer.step(ctx, state, ks)
-      return buf, bind(e.eqn, [qs, buf])
+      return buf, bind(e.eqn, [qs, buf], params)
     buf, queue = state
     queue, qs = delay.step(queue, qs)
     buf = buffer.step(ctx, buf, ks)
-    return (buf, queue), bind(e.eqn, [qs, buf])
+    return (buf, queue), bind(e.eqn, [qs, buf], params)
   return Converted([kind], prefill, step, True)
 
 
@@ -193,18 +220,18 @@ def weights_times_values_rule(e):
     raise e.refuse("its values run behind the attention rows")
   ndims = [a.ndim for a in e.in_avals]
   out_axis = _dot_out_axis((contract, batch), hs, h.axis, ndims)
-  buffer = _make_buffer(v, e, vs, h.window)
+  buffer, params = _make_buffer(v, e, vs, h.window)
 
   def ordered(weights, values):
     return [weights, values] if hs == 0 else [values, weights]
 
   def prefill(ctx, ins):
     state, buf = _buffer_prefill(buffer, ins[vs])
-    return state, bind(e.eqn, ordered(ins[hs], buf))
+    return state, bind(e.eqn, ordered(ins[hs], buf), params)
 
   def step(ctx, buf, ins):
     buf = buffer.step(ctx, buf, ins[vs])
-    return buf, bind(e.eqn, ordered(ins[hs], buf))
+    return buf, bind(e.eqn, ordered(ins[hs], buf), params)
   return Converted([Scanned(out_axis, h.ahead)], prefill, step, True)
 
 
