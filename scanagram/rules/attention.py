@@ -222,17 +222,40 @@ def weights_times_values_rule(e):
   out_axis = _dot_out_axis((contract, batch), hs, h.axis, ndims)
   buffer, params = _make_buffer(v, e, vs, h.window)
 
-  def ordered(weights, values):
-    return [weights, values] if hs == 0 else [values, weights]
+  contract_weights_first = _weights_first(e, params, hs)
 
   def prefill(ctx, ins):
     state, buf = _buffer_prefill(buffer, ins[vs])
-    return state, bind(e.eqn, ordered(ins[hs], buf), params)
+    return state, contract_weights_first(ins[hs], buf)
 
   def step(ctx, buf, ins):
     buf = buffer.step(ctx, buf, ins[vs])
-    return buf, bind(e.eqn, ordered(ins[hs], buf), params)
+    return buf, contract_weights_first(ins[hs], buf)
   return Converted([Scanned(out_axis, h.ahead)], prefill, step, True)
+
+
+def _weights_first(e, params, hs):
+  """``dot(weights, values)`` with the weights as the left operand whatever
+  the user's order (``einsum("...Thd,...htT->...", v, w)``): XLA's CPU dot
+  then streams the value buffer as a plain matrix product does, instead of
+  reading it transposed. The output is transposed back (it holds one
+  position, so that costs nothing)."""
+  if hs == 0:
+    return lambda weights, values: bind(e.eqn, [weights, values], params)
+  (contract, batch) = params["dimension_numbers"]
+  swapped = dict(params, dimension_numbers=((contract[1], contract[0]),
+                                            (batch[1], batch[0])))
+  n_batch = len(batch[0])
+  n_values, n_weights = (a.ndim - len(c) - n_batch
+                         for a, c in zip(e.in_avals, contract))
+  perm = (list(range(n_batch)) +
+          list(range(n_batch + n_weights, n_batch + n_weights + n_values)) +
+          list(range(n_batch, n_batch + n_weights)))
+
+  def run(weights, values):
+    out, = bind(e.eqn, [weights, values], swapped)
+    return [jnp.transpose(out, perm)]
+  return run
 
 
 def _why_weights_not_zero(h):
