@@ -410,8 +410,6 @@ def select_rule(e):
   Picking one constant at every future key makes the scores exact. Also
   records the window the mask proves (keys older than w picked as fill)."""
   h = _history_axes(e)
-  shape = e.out_avals[0].shape
-  region = _future_region(shape, h.axis, h.key_axis, h.window)
   if e.in_kinds[0] is not UNSCANNED:
     raise e.refuse("its mask depends on the scanned input")
   mask = e.known(0)
@@ -419,6 +417,42 @@ def select_rule(e):
     raise e.refuse(
         "its mask depends on an input of the function, so scanagram cannot "
         "check at conversion time that it removes the future positions")
+  # every layer of a model applies the same mask: prove it once
+  cases = [_case_key(e, i) for i in range(1, len(e.in_kinds))]
+  key = (_value_key(mask), e.out_avals[0].shape, h.axis, h.key_axis,
+         h.window, tuple(cases))
+  proofs = e.context.setdefault("mask_proofs", {})
+  if key not in proofs:
+    proofs[key] = _prove_mask(e, h, mask)
+  future, window = proofs[key]
+  if window is not None:
+    windows = e.context.setdefault("windows", {})
+    windows[h.origin] = max(windows.get(h.origin, 0), window)
+  return _history_pointwise(e, h, future)
+
+
+def _value_key(value):
+  """Compares equal exactly when the arrays are equal (dtype, shape, bytes)."""
+  value = np.asarray(value)
+  return value.dtype.str, value.shape, value.tobytes()
+
+
+def _case_key(e, i):
+  """What the proof depends on in case ``i`` of a select."""
+  kind = e.in_kinds[i]
+  if isinstance(kind, History):
+    return "history", kind.future
+  if is_scanned(kind):
+    return ("row",)
+  value = e.known(i)
+  return "known", None if value is None else _value_key(value)
+
+
+def _prove_mask(e, h, mask):
+  """(future record of the select's output, window the mask proves or
+  None), or refuse."""
+  shape = e.out_avals[0].shape
+  region = _future_region(shape, h.axis, h.key_axis, h.window)
   full = np.broadcast_shapes(mask.shape, region.shape)
   choice = np.broadcast_to(mask, full).astype(np.int64)
   in_region = np.broadcast_to(region, full)
@@ -446,9 +480,10 @@ def select_rule(e):
         fill_like |= (choice == case - 1) & same
     picked.append(EXACT if f == "row" else f)
   future = _picked_future(picked)
+  window = None
   if h.window is None and (future is NEG or isinstance(future, float)):
-    _record_window(e, h, fill_like, full)
-  return _history_pointwise(e, h, future)
+    window = _proven_window(h, fill_like, full)
+  return future, window
 
 
 def _picked_future(picked):
@@ -461,15 +496,14 @@ def _picked_future(picked):
   return EXACT
 
 
-def _record_window(e, h, fill_like, shape):
-  """Records the smallest w with every key j <= i - w picked as fill."""
+def _proven_window(h, fill_like, shape):
+  """The smallest w with every key j <= i - w picked as fill, or None when
+  that is the whole sequence."""
   rows, keys = _rows_keys(shape, h.axis, h.key_axis)
   kept = ~fill_like & np.broadcast_to(keys <= rows, shape)
   distance = np.broadcast_to(rows - keys, shape)[kept]
   window = int(distance.max()) + 1 if distance.size else 1
-  if window < shape[h.key_axis]:
-    windows = e.context.setdefault("windows", {})
-    windows[h.origin] = max(windows.get(h.origin, 0), window)
+  return window if window < shape[h.key_axis] else None
 
 
 # -- structure and reductions on scores ---------------------------------------
