@@ -68,6 +68,11 @@ def train_probe(params, model, tokens, length, steps, seed):
   return loss.item(), temperature.item()
 
 
+def greedy(rng, logits):
+  del rng
+  return jnp.argmax(logits, -1)
+
+
 def main(argv=None):
   args = common.parser(
       __doc__.splitlines()[0], d_model=64, heads=4, layers=2, length=64,
@@ -101,13 +106,13 @@ def main(argv=None):
     stepped.append(stepper(sequence[:, t])[:, None])
   stepped = torch.cat(stepped, 1).numpy()
   full = np.asarray(model.apply(params, None, jnp.asarray(sequence.numpy())))
-  common.exit_unless_equivalent(float(np.abs(stepped - full).max()), 1e-4)
+  err = float(np.abs(stepped - full).max())
 
   chunk = sequence[:, prompt.shape[1]:]
   stepper.reset(sequence[:, :prompt.shape[1]])
   ran = stepper.run(chunk).numpy()               # N steps, one dispatch
-  common.exit_unless_equivalent(
-      float(np.abs(ran - full[:, prompt.shape[1]:]).max()), 1e-4)
+  err = max(err, float(np.abs(ran - full[:, prompt.shape[1]:]).max()))
+  common.exit_unless_equivalent(err, 1e-4)      # single steps and run()
 
   def torch_loop():
     stepper.reset(prompt)
@@ -117,10 +122,21 @@ def main(argv=None):
   def torch_run():
     stepper.reset(prompt)
     stepper.run(generated)
-  per_call = common.median_time(torch_loop, repeats=3)
-  per_run = common.median_time(torch_run, repeats=3)
-  print(f"{steps} steps from torch: one call per step {steps / per_call:.0f} "
-        f"tokens/s, one run() {steps / per_run:.0f} tokens/s")
+
+  naive = common.naive_generator(lambda p, seq: model.apply(p, None, seq))
+  jax_prompt = jnp.asarray(prompt.numpy())
+
+  def naive_loop():
+    jax.block_until_ready(naive(params, jax_prompt, steps, greedy,
+                                jax.random.key(0), args.length))
+  print(f"generating {steps} tokens, batch 1:")
+  common.speed_table([
+      ("TorchStepper, one call per token", steps / common.median_time(
+          torch_loop, repeats=3)),
+      ("TorchStepper.run, one dispatch", steps / common.median_time(
+          torch_run, repeats=3)),
+      ("naive recomputation (JAX)", steps / common.median_time(
+          naive_loop, repeats=3))])
 
   start = time.perf_counter()
   loss, temperature = train_probe(params, model, tokens, args.length,
