@@ -38,11 +38,14 @@ step with its caches in Haiku's ``[B, L, H, dh]`` layout, the layout of the
 derived carry: separates the cost of the layout from the rest),
 ``compile_hand_written_step_seconds_<n>_layers`` and
 ``hand_written_compile_ratio_24_layers`` (what compiling a hand-written
-step costs against the forward), ``convert_seconds_growth_vs_linear`` (~1
+step costs against the forward), ``compile_forward_one_token_seconds_<n>_layers``
+and ``one_token_forward_compile_ratio_24_layers`` (the forward compiled for a
+one-token input, no cache: XLA's cost of a program of one-token products), ``convert_seconds_growth_vs_linear`` (~1
 when conversion time grows linearly with depth), the machine's
 ``cpu_count`` and ``load_average_1min``, and ``smoke``.
 """
 import argparse
+import gc
 import json
 import os
 import pathlib
@@ -65,7 +68,7 @@ FULL = dict(
     transformer=dict(d_model=256, heads=4, layers=4, length=512, vocab=256,
                      steps=64, naive_tokens=4, generate_repeats=7,
                      latency_positions=(1, 64, 128, 256, 384, 512)),
-    depths=(2, 6, 12, 24), convert_repeats=3, torch_calls=64,
+    depths=(2, 6, 12, 24), convert_repeats=5, torch_calls=64,
 )
 SMOKE = dict(
     batch=2, repeats=2, warmup=1, call_repeats=2, calls=4,
@@ -330,6 +333,7 @@ def bench_conversion(config, results):
   x = jax.ShapeDtypeStruct((1,), jnp.int32)
 
   def measure(n):
+    gc.collect()  # the previous depth's garbage must not be collected here
     def build():
       return models.transformer(c["d_model"], c["heads"], n, c["length"],
                                 c["vocab"])
@@ -345,7 +349,12 @@ def bench_conversion(config, results):
                                       c["length"], 1)
     base_s, _ = seconds(lambda: jax.jit(base.step).lower(
         params, jax.eval_shape(base.init, params), x).compile())
-    return convert_s, compile_s, forward_s, base_s
+    # the training-mode forward on one token: what XLA needs to compile a
+    # program of one-token matrix products, with no cache at all
+    one_s, _ = seconds(lambda: jax.jit(
+        lambda p, seq: model.apply(p, None, seq)).lower(
+            params, jax.ShapeDtypeStruct((1, 1), jnp.int32)).compile())
+    return convert_s, compile_s, forward_s, base_s, one_s
 
   samples = {n: [] for n in config["depths"]}
   for _ in range(config["convert_repeats"]):   # depths interleaved
@@ -353,18 +362,21 @@ def bench_conversion(config, results):
       samples[n].append(measure(n))
   seconds_by_depth = {}
   for n in config["depths"]:
-    convert_s, compile_s, forward_s, base_s = np.median(samples[n], axis=0)
+    convert_s, compile_s, forward_s, base_s, one_s = np.median(samples[n],
+                                                               axis=0)
     results[f"convert_seconds_{n}_layers"] = convert_s
     results[f"compile_step_seconds_{n}_layers"] = compile_s
     results[f"compile_forward_seconds_{n}_layers"] = forward_s
     results[f"compile_hand_written_step_seconds_{n}_layers"] = base_s
-    seconds_by_depth[n] = (convert_s, compile_s, forward_s, base_s)
+    results[f"compile_forward_one_token_seconds_{n}_layers"] = one_s
+    seconds_by_depth[n] = (convert_s, compile_s, forward_s, base_s, one_s)
     log(f"  {n} layers: convert {convert_s:.2f} s, compile step "
         f"{compile_s:.2f} s, compile forward {forward_s:.2f} s, compile "
-        f"hand-written step {base_s:.2f} s (medians of "
+        f"hand-written step {base_s:.2f} s, compile forward on one token "
+        f"{one_s:.2f} s (medians of "
         f"{len(samples[n])}; all: {np.round(samples[n], 2).tolist()})")
   deepest = max(config["depths"])
-  convert_s, compile_s, forward_s, base_s = seconds_by_depth[deepest]
+  convert_s, compile_s, forward_s, base_s, one_s = seconds_by_depth[deepest]
   results["convert_compile_ratio_24_layers"] = (
       (convert_s + compile_s) / forward_s)
   # linear growth: (t_deepest / t_next) / (n_deepest / n_next) is ~1
@@ -374,6 +386,7 @@ def bench_conversion(config, results):
         (convert_s / seconds_by_depth[n_prev][0]) / (deepest / n_prev))
   # reference: compiling the hand-written step / compiling the forward
   results["hand_written_compile_ratio_24_layers"] = base_s / forward_s
+  results["one_token_forward_compile_ratio_24_layers"] = one_s / forward_s
   return seconds_by_depth
 
 
