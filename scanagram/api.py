@@ -91,6 +91,13 @@ class StepFunctions:
                       "every position of another (an outer product over "
                       f"time) and no causal mask follows it; {why}")
       raise ScanConversionError(f"{why} ({kind})")
+    if kind.axis != out_axis:
+      raise ScanConversionError(
+          f"output {i} (shape {aval.shape}) runs along its axis {kind.axis}, "
+          f"not along out_axes={self.out_axes}: its elements along axis "
+          f"{out_axis} are not positions of the sequence (for as_scan the "
+          f"outputs' time axis must be 0; to_step takes out_axes="
+          f"{kind.axis})")
     line = None
     if kind.ahead:
       line = DelayLine(kind.axis, aval.shape[kind.axis], 0, kind.ahead)
@@ -140,7 +147,7 @@ class StepFunctions:
         out_queues[i], y = line.prefill(ctx, y)
       elif self._converted.out_kinds[i] is UNSCANNED:
         y = time_block(ctx, y, axis)
-      ys.append(jnp.moveaxis(y, axis, self.out_axes))
+      ys.append(y)
     if out_queues:
       state["outputs"] = out_queues
     carry = dict(state, position=jnp.asarray(ctx.length, jnp.int32))
@@ -286,7 +293,9 @@ def to_step(fun: Callable, *example_args, in_axes: Axes = 0,
       along, or None for an argument that is not scanned (parameters, model
       state). Unscanned arguments are inputs of the derived functions, so one
       compiled step serves every parameter value.
-    out_axes: the outputs' scanned axis in prefill outputs.
+    out_axes: the axis along which ``fun``'s outputs run in time (as in
+      ``fun``'s own outputs; an output whose time axis is elsewhere is
+      refused). A step output has it removed.
 
   Returns:
     A :class:`StepFunctions` with ``init(*unscanned)``, ``prefill(*args)``

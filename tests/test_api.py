@@ -218,6 +218,20 @@ def test_output_independent_of_input_without_time_axis_refused():
   assert_trees_close(lax.scan(step, init, X)[1], (X, table))
 
 
+def test_output_running_along_another_axis_refused():
+  # x.T is causal, but its time axis is 1: moving it to 0 silently would hand
+  # the user a transposed result, so the output axis must be said, not guessed
+  x = X[:D]  # square, so a wrongly moved axis would not change the shape
+  with pytest.raises(scanagram.ScanConversionError,
+                     match="runs along its axis 1, not along out_axes=0"):
+    scanagram.as_scan(lambda x: x.T, x)
+  fns = scanagram.to_step(lambda x: x.T * 2, x, out_axes=1)
+  carry, out = fns.prefill(x[:2])
+  np.testing.assert_allclose(out, (x[:2] * 2).T, rtol=1e-6)
+  carry, y = fns.step(carry, x[2])
+  np.testing.assert_allclose(y, x[2] * 2, rtol=1e-6)
+
+
 def test_shape_dtype_struct_examples():
   spec = jax.ShapeDtypeStruct((L, D), jnp.float32)
   step, init = scanagram.as_scan(lambda x: jnp.cumsum(x, 0), spec)
