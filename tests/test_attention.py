@@ -222,6 +222,31 @@ def test_window_with_a_bias_table():
   check_scan(f, random_like(jnp.zeros((L, D))), prefill_lengths=range(L + 1))
 
 
+def _shifted(x, n):
+  """x delayed by n positions: element t is x[t - n] (zeros before)."""
+  return jnp.pad(x, ((n, 0), (0, 0)))[:x.shape[0]]
+
+
+@pytest.mark.parametrize("w", [None, 3])
+@pytest.mark.parametrize("shift", ["keys", "values", "all"])
+@pytest.mark.parametrize("n", [1, 2])
+def test_shifted_keys_and_values(n, shift, w):
+  """Keys or values delayed by n run ahead of the input in the step: its last
+  n steps compute elements past the end, which must not be written over the
+  buffer's (or the ring's) last entries."""
+  mask = tril_mask(L) if w is None else window_mask(L, w)
+
+  def f(x):
+    q, k, v = qkv(_shifted(x, n) if shift == "all" else x)
+    if shift == "keys":
+      k = _shifted(k, n)
+    elif shift == "values":
+      v = _shifted(v, n)
+    logits = jnp.where(mask, q @ k.T, -1e9)
+    return jax.nn.softmax(logits) @ v
+  check_scan(f, random_like(jnp.zeros((L, D))), prefill_lengths=[0, L - 1, L])
+
+
 def test_multiplying_possibly_infinite_scores_by_zero_refused():
   """log of the scores can be -inf where the step's buffer is still empty:
   0 · -inf is NaN, so the multiplicative mask proves nothing there."""

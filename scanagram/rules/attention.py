@@ -81,9 +81,21 @@ class Buffer:
     return jnp.pad(x, widths)
 
   def step(self, ctx, buf, x):
-    return lax.dynamic_update_slice_in_dim(
-        buf, self.layout(x).astype(buf.dtype), ctx.position + self.ahead,
-        self.axis)
+    return self._write(buf, self.layout(x).astype(buf.dtype),
+                       ctx.position + self.ahead, self.slot(ctx))
+
+  def slot(self, ctx):
+    return jnp.minimum(ctx.position + self.ahead, self.size - 1)
+
+  def _write(self, buf, new, index, slot):
+    """Writes ``new`` (element ``index``) at ``slot``. A value that runs
+    ahead computes elements past the end in the last steps; they are not
+    written, since they would land on (dynamic_update_slice clamps) and
+    replace an element the remaining rows still read."""
+    if self.ahead:
+      old = lax.dynamic_slice_in_dim(buf, slot, 1, self.axis)
+      new = jnp.where(index < self.size, new, old)
+    return lax.dynamic_update_slice_in_dim(buf, new, slot, self.axis)
 
 
 class RingBuffer(Buffer):
@@ -105,16 +117,14 @@ class RingBuffer(Buffer):
         [-1 if d == self.axis else 1 for d in range(full.ndim)])
     return jnp.where(valid, ring, jnp.zeros_like(ring)), full
 
-  def step(self, ctx, ring, x):
-    slot = jnp.mod(ctx.position + self.ahead, self.window)
-    return lax.dynamic_update_slice_in_dim(
-        ring, self.layout(x).astype(ring.dtype), slot, self.axis)
+  def slot(self, ctx):
+    return jnp.mod(ctx.position + self.ahead, self.window)
 
 
 def ring_positions(ctx, h, size):
   """The position each ring slot holds at this step (negative: not yet
   filled; such slots take the value of a key outside row t's window)."""
-  newest = ctx.position + h.ahead
+  newest = jnp.minimum(ctx.position + h.ahead, size - 1)  # see Buffer._write
   positions = newest - jnp.mod(newest - jnp.arange(h.window), h.window)
   outside = jnp.where(newest + 1 < size, newest + 1, newest - h.window)
   return jnp.where(positions >= 0, positions, outside)
