@@ -159,6 +159,14 @@ def test_zero_fill_refused():
                 "not provably zero")
 
 
+def test_mask_leaving_a_row_empty_refused():
+  """A strictly-past mask fills all of row 0: softmax then weighs every key
+  equally, the future ones too, so the training mode is not causal there."""
+  pos = jnp.arange(L)
+  check_refused(einsum_attention(lambda n: pos[:, None] > pos[None, :]),
+                _x(), "select_n", "keeps no key at all for query 0")
+
+
 def test_mask_from_an_input_refused():
   def f(mask, x):
     q, k, v = qkv(x)

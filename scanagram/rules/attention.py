@@ -490,10 +490,31 @@ def _prove_mask(e, h, mask):
         fill_like |= (choice == case - 1) & same
     picked.append(EXACT if f == "row" else f)
   future = _picked_future(picked)
+  if future is NEG:
+    _refuse_empty_rows(e, h, fill_like, full)
   window = None
   if h.window is None and (future is NEG or isinstance(future, float)):
     window = _proven_window(h, fill_like, full)
   return future, window
+
+
+def _kept(h, fill_like, shape):
+  """Where the mask keeps a past or present key (j <= i) that is not fill."""
+  rows, keys = _rows_keys(shape, h.axis, h.key_axis)
+  return ~fill_like & np.broadcast_to(keys <= rows, shape)
+
+
+def _refuse_empty_rows(e, h, fill_like, shape):
+  """A row whose every past key is filled too has its maximum at the fill:
+  softmax then spreads the row's weight evenly over all L keys, future ones
+  included, so that row is not causal in the training mode itself."""
+  empty = ~_kept(h, fill_like, shape).any(axis=h.key_axis, keepdims=True)
+  if empty.any():
+    row = np.argwhere(empty)[0][h.axis]
+    raise e.refuse(
+        f"its mask keeps no key at all for query {row}: the row is all fill, "
+        "so softmax gives every position the same weight, future ones "
+        "included (a causal mask keeps at least key j = i)")
 
 
 def _picked_future(picked):
@@ -510,8 +531,7 @@ def _proven_window(h, fill_like, shape):
   """The smallest w with every key j <= i - w picked as fill, or None when
   that is the whole sequence."""
   rows, keys = _rows_keys(shape, h.axis, h.key_axis)
-  kept = ~fill_like & np.broadcast_to(keys <= rows, shape)
-  distance = np.broadcast_to(rows - keys, shape)[kept]
+  distance = np.broadcast_to(rows - keys, shape)[_kept(h, fill_like, shape)]
   window = int(distance.max()) + 1 if distance.size else 1
   return window if window < shape[h.key_axis] else None
 
