@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 
 import scanagram
-from scanagram import ScanConversionError
+from scanagram import ScanConversionError, errors
 
 __all__ = ["to_step", "StepPair", "Stepper"]
 
@@ -147,7 +147,7 @@ def _needs_rng_error(error):
     owner = frame.f_locals.get("self")
     if isinstance(owner, hk.Module):
       module = owner.module_name
-    if not _is_library_file(frame.f_code.co_filename):
+    if not errors.is_library_file(frame.f_code.co_filename):
       where = f"{frame.f_code.co_filename}:{tb.tb_lineno}"
     tb = tb.tb_next
   who = f"Haiku module '{module}'" if module else "the model"
@@ -158,12 +158,8 @@ def _needs_rng_error(error):
       "path deterministic (e.g. an is_training=False flag that skips dropout)")
 
 
-_LIBRARY_DIRS = tuple(os.path.dirname(m.__file__) + os.sep
-                      for m in (hk, jax, scanagram))
-
-
-def _is_library_file(path):
-  return path.startswith(_LIBRARY_DIRS) or path == __file__
+errors.register_library_path(os.path.dirname(os.path.abspath(__file__))
+                             + os.sep)
 
 
 # -- StepPair ------------------------------------------------------------------

@@ -19,13 +19,12 @@ from jax.interpreters import ad, batching, mlir
 # convert_constvars_jaxpr (jaxpr constvars -> leading invars).
 
 
-def user_source_line(source_info):
-  """``file:line (function)`` of the user code that made an equation, or
-  None."""
-  frame = source_info_util.user_frame(getattr(source_info, "traceback", None))
-  if frame is None:
-    return None
-  return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+def user_frames(source_info):
+  """``(file, line, function)`` of the frames that made an equation,
+  innermost first, JAX's own frames left out."""
+  traceback = getattr(source_info, "traceback", None)
+  return ((f.file_name, f.start_line, f.function_name)
+          for f in source_info_util.user_frames(traceback))
 
 
 def exclude_from_user_frames(path: str):
@@ -40,5 +39,5 @@ def name_stack(source_info) -> str:
   return str(stack) if stack is not None else ""
 
 
-__all__ = ["user_source_line", "name_stack", "split_p", "stack_p",
+__all__ = ["user_frames", "name_stack", "split_p", "stack_p",
            "unstack_p", "tile_p", "scatter_sub_p", "ad", "batching", "mlir"]
