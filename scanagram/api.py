@@ -83,6 +83,10 @@ class StepFunctions:
             f"axis {self.out_axes} of length {self.length} to scan over "
             f"(shape {aval.shape})")
       return (out_axis, None)
+    if attention.is_exact_history(kind):
+      # attention weights as an output: each row equals the training mode's
+      # at every key, the future ones included
+      kind = Scanned(kind.axis, kind.ahead)
     if not isinstance(kind, Scanned):
       why = f"output {i} depends on the whole sequence"
       origin = _find_eqn(self._jaxpr, getattr(kind, "origin", None))

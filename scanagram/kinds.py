@@ -20,7 +20,9 @@ Every variable of the traced function gets a *kind*:
   row i holds at the keys j > i: ``TAINTED`` (may differ from the training
   mode there), ``EXACT`` (equals the training mode, value unknown),
   ``NEG`` (equals it, and is a large negative number: a mask's fill minus a
-  finite row maximum), or a float constant (equals it, and is that value).
+  finite row maximum), ``LOW`` (large and negative in both modes, maybe not
+  the same number: finite scores plus an additive mask's -1e9), or a float
+  constant (equals it, and is that value).
   With ``window`` w the keys live in a ring of the last w positions and
   ``future`` covers the keys outside the window too (j > i or j <= i - w).
 """
@@ -66,6 +68,7 @@ class _Marker(str):
 TAINTED = _Marker("TAINTED")
 EXACT = _Marker("EXACT")
 NEG = _Marker("NEG")
+LOW = _Marker("LOW")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -255,6 +255,86 @@ def test_shifted_keys_and_values(n, shift, w):
   check_scan(f, random_like(jnp.zeros((L, D))), prefill_lengths=[0, L - 1, L])
 
 
+# -- additive masks and attention weights as outputs --------------------------
+def additive_attention(mask, fill=-1e9):
+  def f(x):
+    q, k, v = qkv(x)
+    return jax.nn.softmax(q @ k.T + jnp.where(mask, 0., fill)) @ v
+  return f
+
+
+@pytest.mark.parametrize("fill", [-1e9, -jnp.inf])
+def test_additive_causal_mask_converts(fill):
+  check_scan(additive_attention(tril_mask(L), fill), _x(),
+             prefill_lengths=range(L + 1))
+
+
+def test_additive_window_mask_uses_a_ring():
+  f = additive_attention(window_mask(16, 3))
+  x = random_like(jnp.zeros((16, D)))
+  check_scan(f, x, prefill_lengths=[0, 2, 9, 16])
+  fns = scanagram.to_step(f, x)
+  buffers = [l.shape for l in jax.tree.leaves(fns.carry_spec()) if l.ndim]
+  assert buffers and all(sorted(s) == sorted((3, D)) for s in buffers), buffers
+
+
+def test_dot_product_attention_with_a_causal_bias():
+  def f(x):
+    q, k, v = (_heads(t[None], 2) for t in qkv(x))
+    bias = jnp.where(tril_mask(L), 0., -1e9)[None, None]
+    return jax.nn.dot_product_attention(q, k, v, bias=bias)[0].reshape(L, D)
+  check_scan(f, _x())
+
+
+def test_additive_masks_that_are_not_causal_refused():
+  pos = jnp.arange(L)
+  check_refused(additive_attention(pos[:, None] > pos[None, :]), _x(),
+                "add", "keeps no key at all for query 0")
+  check_refused(additive_attention(tril_mask(L).T), _x(), "reduce_max",
+                "no causal mask")
+  check_refused(additive_attention(tril_mask(L), fill=-1.0), _x(),
+                "reduce_max", "no causal mask")
+
+
+def test_sum_over_additively_masked_scores_refused():
+  """Scores plus -1e9 at the future keys are large in both modes but not the
+  same number: a sum over the keys would differ."""
+  def f(x):
+    q, k, _ = qkv(x)
+    return (q @ k.T + jnp.where(tril_mask(L), 0., -1e9)).sum(-1)
+  check_refused(f, _x(), "reduce_sum", "masked by addition")
+
+
+def test_two_masks_on_one_score_refused():
+  """Whether every row keeps a key depends on both masks together; scanagram
+  proves one mask per score and says so."""
+  def f(x):
+    q, k, v = qkv(x)
+    logits = q @ k.T + jnp.where(tril_mask(L), 0., -1e9)
+    return jax.nn.softmax(jnp.where(tril_mask(L), logits, -1e9)) @ v
+  check_refused(f, _x(), "select_n", "already masked")
+
+
+def test_attention_weights_as_an_output():
+  def f(x):
+    q, k, v = qkv(x)
+    weights = jax.nn.softmax(jnp.where(tril_mask(L), q @ k.T, -1e9))
+    return weights @ v, weights
+  check_scan(f, _x(), prefill_lengths=range(L + 1))
+
+
+def test_weights_of_a_window_as_an_output_refused():
+  """A ring holds the window's keys in slot order, not the sequence's."""
+  def f(x):
+    q, k, v = (t.reshape(1, -1, D) for t in qkv(x))
+    weights = jax.nn.softmax(jnp.where(window_mask(16, 2), q @ k.mT, -1e9))
+    return weights @ v, weights
+  x = random_like(jnp.zeros((16, D)))
+  fns = scanagram.to_step(f, x[None], in_axes=1, out_axes=1)
+  assert max(l.shape[1] for l in jax.tree.leaves(fns.carry_spec())
+             if l.ndim) == 16  # full buffers, not a ring
+
+
 def test_multiplying_possibly_infinite_scores_by_zero_refused():
   """log of the scores can be -inf where the step's buffer is still empty:
   0 · -inf is NaN, so the multiplicative mask proves nothing there."""

@@ -11,6 +11,10 @@ through the graph:
 * a ``select_n`` (``jnp.where``) whose mask is known at conversion time and
   picks the same constant at every future key of every row makes the scores
   exact (``future`` = that constant);
+* adding a constant that is below ``NEG_THRESHOLD`` at every future key (an
+  additive mask, ``logits + where(tril, 0, -1e9)``) makes them ``LOW``:
+  large and negative in both modes, though not the same number, so only
+  softmax's max and ``exp`` (which makes them exactly 0) may follow;
 * elementwise ops carry the record: a large negative constant minus a finite
   row maximum stays large and negative (``NEG``), ``exp`` of it is exactly 0,
   0 times or over a finite value is 0;
@@ -31,8 +35,8 @@ from jax.extend.core import primitives as P
 
 from scanagram.errors import ScanConversionError
 from scanagram.interpreter import Converted, bind, register
-from scanagram.kinds import (EXACT, NEG, TAINTED, UNSCANNED, History, Scanned,
-                             is_scanned)
+from scanagram.kinds import (EXACT, LOW, NEG, TAINTED, UNSCANNED, History,
+                             Scanned, is_scanned)
 from scanagram.rules import calls, elementwise, structural
 from scanagram.rules.common import DelayLine, pointwise, with_size
 from scanagram.rules.linalg import _dot_out_axis
@@ -321,6 +325,13 @@ def _operand_future(e, i, region):
   return EXACT
 
 
+def is_exact_history(kind) -> bool:
+  """Scores whose every row equals the training mode's at every key (a
+  proven mask came first, and the keys are not a ring)."""
+  return (isinstance(kind, History) and kind.window is None and
+          (kind.future in (EXACT, NEG) or isinstance(kind.future, float)))
+
+
 def _is_neg(f):
   return f is NEG or (isinstance(f, float) and f <= NEG_THRESHOLD)
 
@@ -328,6 +339,8 @@ def _is_neg(f):
 def _combine_future(e, futures):
   """The output's future record from its operands' (elementwise ops)."""
   name = e.primitive.name
+  if any(f is LOW for f in futures):
+    return _combine_low(name, futures)
   tainted = [f for f in futures if _is_tainted(f)]
   finite = all(f is TAINTED_FINITE for f in tainted)
   if name in ("mul", "and") and finite and any(
@@ -355,6 +368,27 @@ def _combine_future(e, futures):
   if name == "max" and all(_is_neg(f) for f in futures):
     return NEG
   return EXACT
+
+
+def _combine_low(name, futures):
+  """LOW is known to be large and negative, not exact: it stays so when a
+  finite exact value (the row maximum) is added or subtracted, and ``exp``
+  turns it into exactly 0. Anything else may differ between the modes."""
+  others = [f for f in futures if f is not LOW]
+  if any(_is_tainted(f) for f in others):
+    return TAINTED
+  if name in ("exp", "exp2"):
+    return 0.0
+  finite = all(f is EXACT or (isinstance(f, float) and np.isfinite(f) and
+                              not _is_neg(f)) for f in others)
+  if finite and (name == "add" or (name == "sub" and futures[0] is LOW)):
+    return LOW
+  if name == "max" and all(_is_neg(f) for f in others):
+    return LOW
+  if name in ("stop_gradient", "copy", "reduce_precision", "name",
+              "convert_element_type", "sharding_constraint"):
+    return LOW
+  return TAINTED
 
 
 def _scalar_params(params):
@@ -410,7 +444,35 @@ def elementwise_rule(e):
   region = _future_region(e.out_avals[0].shape, h.axis, h.key_axis, h.window)
   futures = [_operand_future(e, i, region) for i in range(len(e.in_kinds))]
   futures = [EXACT if f == "row" else f for f in futures]
-  return _history_pointwise(e, h, _combine_future(e, futures))
+  future = _additive_mask(e, h, futures, region)
+  if future is None:
+    future = _combine_future(e, futures)
+  return _history_pointwise(e, h, future)
+
+
+def _additive_mask(e, h, futures, region):
+  """``scores + bias`` with a constant bias below NEG_THRESHOLD at every
+  future key: LOW, once the bias is checked as a select's mask is (every row
+  keeps a key; the window it proves). None when the equation is not that."""
+  if e.primitive.name != "add":
+    return None
+  for scores, bias in ((0, 1), (1, 0)):
+    if futures[scores] is TAINTED_FINITE and e.in_kinds[bias] is UNSCANNED \
+        and isinstance(futures[bias], float) and _is_neg(futures[bias]):
+      values = e.known(bias)
+      full = np.broadcast_shapes(values.shape, region.shape)
+      fill_like = np.broadcast_to(values <= NEG_THRESHOLD, full)
+      _refuse_empty_rows(e, h, fill_like, full)
+      if h.window is None:
+        _record_window(e, h, _proven_window(h, fill_like, full))
+      return LOW
+  return None
+
+
+def _record_window(e, h, window):
+  if window is not None:
+    windows = e.context.setdefault("windows", {})
+    windows[h.origin] = max(windows.get(h.origin, 0), window)
 
 
 @register(P.select_n_p, history=True)
@@ -435,9 +497,7 @@ def select_rule(e):
   if key not in proofs:
     proofs[key] = _prove_mask(e, h, mask)
   future, window = proofs[key]
-  if window is not None:
-    windows = e.context.setdefault("windows", {})
-    windows[h.origin] = max(windows.get(h.origin, 0), window)
+  _record_window(e, h, window)
   return _history_pointwise(e, h, future)
 
 
@@ -466,6 +526,11 @@ def _prove_mask(e, h, mask):
   full = np.broadcast_shapes(mask.shape, region.shape)
   choice = np.broadcast_to(mask, full).astype(np.int64)
   in_region = np.broadcast_to(region, full)
+  if any(getattr(k, "future", None) is LOW for k in e.in_kinds[1:]):
+    # which keys a row keeps then depends on both masks together
+    raise e.refuse("it masks scores that an additive mask has already "
+                   "masked: scanagram proves one mask per score, so use "
+                   "either jnp.where or the additive mask")
   picked, fill_like = [], np.zeros(full, bool)
   for case in range(1, len(e.in_kinds)):
     where = in_region & (choice == case - 1)
@@ -589,8 +654,13 @@ def reduce_rule(e):
       raise e.refuse(
           f"{name} reduces over every position of the sequence (the keys of "
           "q·kᵀ) and no causal mask removes the future positions first")
+    if h.future is LOW and name not in ("reduce_max", "argmax"):
+      raise e.refuse(
+          f"{name} over the keys of scores masked by addition: their future "
+          "entries are large and negative in both modes but not equal, so "
+          "only a maximum (softmax's) may be taken over them")
     if h.window is not None and not (
-        (name == "reduce_max" and h.future is NEG) or
+        (name == "reduce_max" and h.future in (NEG, LOW)) or
         (name == "reduce_sum" and h.future == 0.0)):
       raise e.refuse(f"{name} over a window's ring of keys would miss the "
                      "positions outside the window")
@@ -598,6 +668,8 @@ def reduce_rule(e):
   new_key = h.key_axis - sum(d < h.key_axis for d in axes)
   if _is_tainted(h.future):
     future = h.future if name == "reduce_sum" else TAINTED
+  elif h.future is LOW:
+    future = LOW if name == "reduce_max" else TAINTED
   else:
     future = h.future if h.future == 0.0 and name == "reduce_sum" else EXACT
   out = h.replace(axis=new_axis, key_axis=new_key, future=future)
@@ -621,6 +693,10 @@ def convert_with_windows(convert):
   if not context.get("windows"):
     return converted
   try:
-    return convert({"rings": context["windows"]})
+    rings = convert({"rings": context["windows"]})
   except ScanConversionError:
     return converted
+  # scores as an output are rows over all L keys, which a ring does not hold
+  if any(isinstance(k, History) for k in rings.out_kinds):
+    return converted
+  return rings

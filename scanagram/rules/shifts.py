@@ -32,7 +32,7 @@ def slice_rule(e):
   limit = e.params["limit_indices"][axis]
   strides = e.params.get("strides") or (1,) * e.in_avals[0].ndim
   if strides[axis] != 1:
-    raise e.refuse(f"it takes every {strides[axis]}th element along the "
+    raise e.refuse(f"it takes one element in every {strides[axis]} along the "
                    f"scanned axis {axis}")
   if start == 0 and limit == e.in_avals[0].shape[axis]:
     def resize(params, n):
