@@ -34,13 +34,18 @@ Diagnostics (no target): ``*_step_ms_*`` and ``*_generate_ms_per_token_*``
 (absolute times), ``*_call_ratio`` (one dispatch per token),
 ``transformer_step_ratio_vs_model_layout`` and
 ``transformer_generate_ratio_vs_model_layout`` (against the hand-written
-step with its caches in Haiku's ``[B, L, H, dh]`` layout, the layout of the
-derived carry: separates the cost of the layout from the rest),
+step with its caches in Haiku's ``[B, L, H, dh]`` layout, the layout the
+derived carry had before it was fixed: the cost of that layout),
 ``compile_hand_written_step_seconds_<n>_layers`` and
 ``hand_written_compile_ratio_24_layers`` (what compiling a hand-written
 step costs against the forward), ``compile_forward_one_token_seconds_<n>_layers``
 and ``one_token_forward_compile_ratio_24_layers`` (the forward compiled for a
-one-token input, no cache: XLA's cost of a program of one-token products), ``convert_seconds_growth_vs_linear`` (~1
+one-token input, no cache: XLA's cost of a program of one-token products),
+``jax_host_input_ratio`` (the jitted step called from JAX with ``x`` a
+host NumPy array each call / with ``x`` already a JAX array: what importing
+an input per call costs JAX's CPU runtime, as TorchStepper must),
+``torch_step_ratio_vs_host_input`` (TorchStepper / that host-input JAX
+loop: the adapter's own cost), ``convert_seconds_growth_vs_linear`` (~1
 when conversion time grows linearly with depth), the machine's
 ``cpu_count`` and ``load_average_1min``, and ``smoke``.
 """
@@ -61,7 +66,7 @@ from benchmarks import baselines, models
 from benchmarks.timing import interleaved, seconds
 
 FULL = dict(
-    batch=8, repeats=15, warmup=1, call_repeats=11, calls=32,
+    batch=8, repeats=15, warmup=1, call_repeats=15, calls=32,
     lstm=dict(input=64, hidden=256, length=256, steps=256),
     wavenet=dict(input=32, channels=64, layers=8, out=64, length=512,
                  steps=256),
@@ -399,6 +404,7 @@ def bench_torch(config, results, pair, params, tokens):
   jax_step = jax.jit(lambda p, carry, x: pair.step(p, carry, x),
                      donate_argnums=1)
   xs_jax = [tokens[:, i] for i in range(calls)]
+  xs_host = [np.asarray(x) for x in xs_jax]
   xs_torch = [torch.from_dlpack(x) for x in xs_jax]
   xs_block = torch.from_dlpack(tokens[:, :calls])
 
@@ -419,6 +425,12 @@ def bench_torch(config, results, pair, params, tokens):
       y.block_until_ready()
     return y
 
+  def jax_host_calls(carry):
+    for x in xs_host:   # imported from host memory by the call, as a torch
+      carry, y = jax_step(params, carry, x)    # tensor is by TorchStepper
+      y.block_until_ready()
+    return y
+
   def torch_calls(_):
     for x in xs_torch:
       y = stepper(x)
@@ -429,13 +441,17 @@ def bench_torch(config, results, pair, params, tokens):
 
   t = interleaved({
       "jax": (lambda: pair.init(params), jax_calls),
+      "jax host x": (lambda: pair.init(params), jax_host_calls),
       "torch": (stepper.reset, torch_calls),
       "torch run": (stepper.reset, torch_run),
   }, repeats=config["call_repeats"], warmup=config["warmup"])
   results["torch_step_ratio"] = t["torch"] / t["jax"]
   results["torch_run_speedup"] = t["torch"] / t["torch run"]
+  results["jax_host_input_ratio"] = t["jax host x"] / t["jax"]
+  results["torch_step_ratio_vs_host_input"] = t["torch"] / t["jax host x"]
   log(f"  torch: {1e3 * t['torch'] / calls:.2f} ms/call TorchStepper, "
-      f"{1e3 * t['jax'] / calls:.2f} ms/call JAX, run "
+      f"{1e3 * t['jax'] / calls:.2f} ms/call JAX "
+      f"({1e3 * t['jax host x'] / calls:.2f} with x from host memory), run "
       f"{1e3 * t['torch run'] / calls:.2f} ms/step")
 
 
