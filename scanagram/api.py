@@ -66,7 +66,7 @@ class StepFunctions:
         lambda context: ConvertedJaxpr(closed.jaxpr, closed.consts, in_kinds,
                                        context=context))
     self._jaxpr = closed.jaxpr
-    self._outputs = [self._output_rule(i, k, v.aval) for i, (k, v) in
+    self._outputs = [self._output_rule(i, k, v) for i, (k, v) in
                      enumerate(zip(self._converted.out_kinds,
                                    closed.jaxpr.outvars))]
     self._prefill_jit = jax.jit(self._prefill)
@@ -74,12 +74,13 @@ class StepFunctions:
     self._carry_spec = None
 
   # -- outputs ---------------------------------------------------------------
-  def _output_rule(self, i, kind, aval):
+  def _output_rule(self, i, kind, var):
+    aval = var.aval
     out_axis = self.out_axes % max(len(aval.shape), 1)
     if kind is UNSCANNED:
       if len(aval.shape) == 0 or aval.shape[out_axis] != self.length:
-        raise ScanConversionError(
-            f"output {i} does not depend on the scanned input and has no "
+        raise self._refuse_output(
+            var, f"output {i} does not depend on the scanned input and has no "
             f"axis {self.out_axes} of length {self.length} to scan over "
             f"(shape {aval.shape})")
       return (out_axis, None)
@@ -94,10 +95,10 @@ class StepFunctions:
         raise refusal(origin, "it pairs every position of one sequence with "
                       "every position of another (an outer product over "
                       f"time) and no causal mask follows it; {why}")
-      raise ScanConversionError(f"{why} ({kind})")
+      raise self._refuse_output(var, f"{why} ({kind})")
     if kind.axis != out_axis:
-      raise ScanConversionError(
-          f"output {i} (shape {aval.shape}) runs along its axis {kind.axis}, "
+      raise self._refuse_output(
+          var, f"output {i} (shape {aval.shape}) runs along its axis {kind.axis}, "
           f"not along out_axes={self.out_axes}: its elements along axis "
           f"{out_axis} are not positions of the sequence (for as_scan the "
           f"outputs' time axis must be 0; to_step takes out_axes="
@@ -106,6 +107,16 @@ class StepFunctions:
     if kind.ahead:
       line = DelayLine(kind.axis, aval.shape[kind.axis], 0, kind.ahead)
     return (kind.axis, line)
+
+  def _refuse_output(self, var, why):
+    """A refusal naming the equation that made output ``var`` (and its
+    source line), or a plain one when ``fun`` returns an input or a
+    constant."""
+    made_by = next((e for e in self._jaxpr.eqns
+                    if any(o is var for o in e.outvars)), None)
+    if made_by is None:
+      return ScanConversionError(why)
+    return refusal(made_by, why)
 
   # -- the three functions ---------------------------------------------------
   def init(self, *unscanned_args):

@@ -223,8 +223,11 @@ def test_output_running_along_another_axis_refused():
   # the user a transposed result, so the output axis must be said, not guessed
   x = X[:D]  # square, so a wrongly moved axis would not change the shape
   with pytest.raises(scanagram.ScanConversionError,
-                     match="runs along its axis 1, not along out_axes=0"):
+                     match="runs along its axis 1, not along out_axes=0"
+                     ) as info:
     scanagram.as_scan(lambda x: x.T, x)
+  assert "`transpose` at" in str(info.value)  # the operation that made it
+  assert "test_api.py" in str(info.value)     # and the user's line
   fns = scanagram.to_step(lambda x: x.T * 2, x, out_axes=1)
   carry, out = fns.prefill(x[:2])
   np.testing.assert_allclose(out, (x[:2] * 2).T, rtol=1e-6)

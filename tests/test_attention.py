@@ -323,16 +323,18 @@ def test_attention_weights_as_an_output():
   check_scan(f, _x(), prefill_lengths=range(L + 1))
 
 
-def test_weights_of_a_window_as_an_output_refused():
-  """A ring holds the window's keys in slot order, not the sequence's."""
+def test_weights_of_a_window_as_an_output_keep_full_buffers():
+  """A ring holds the window's keys in slot order, not the sequence's, so
+  weights returned as an output need the full buffers."""
   def f(x):
-    q, k, v = (t.reshape(1, -1, D) for t in qkv(x))
-    weights = jax.nn.softmax(jnp.where(window_mask(16, 2), q @ k.mT, -1e9))
+    q, k, v = qkv(x)
+    weights = jax.nn.softmax(jnp.where(window_mask(16, 2), q @ k.T, -1e9))
     return weights @ v, weights
   x = random_like(jnp.zeros((16, D)))
-  fns = scanagram.to_step(f, x[None], in_axes=1, out_axes=1)
-  assert max(l.shape[1] for l in jax.tree.leaves(fns.carry_spec())
-             if l.ndim) == 16  # full buffers, not a ring
+  check_scan(f, x, prefill_lengths=[0, 5, 16])
+  fns = scanagram.to_step(f, x)
+  assert all(16 in l.shape for l in jax.tree.leaves(fns.carry_spec())
+             if l.ndim)  # full buffers, not rings
 
 
 def test_multiplying_possibly_infinite_scores_by_zero_refused():

@@ -71,6 +71,7 @@ class Buffer:
 
   def __init__(self, time_axis: int, size: int, ahead: int, perm=None):
     self.perm = None if perm is None or list(perm) == sorted(perm) else perm
+    self.time_axis = time_axis   # in the value's own layout
     self.axis = time_axis if self.perm is None else list(perm).index(
         time_axis)
     self.size, self.ahead = size, ahead
@@ -113,7 +114,7 @@ class RingBuffer(Buffer):
 
   def prefill_ring(self, x):
     full = self.prefill(x)
-    newest = x.shape[self.perm[self.axis] if self.perm else self.axis] - 1
+    newest = x.shape[self.time_axis] - 1
     slots = np.arange(self.window)
     positions = newest - np.mod(newest - slots, self.window)
     ring = jnp.take(full, np.maximum(positions, 0), axis=self.axis)
@@ -457,8 +458,9 @@ def _additive_mask(e, h, futures, region):
   if e.primitive.name != "add":
     return None
   for scores, bias in ((0, 1), (1, 0)):
+    # an unscanned operand's future is a float or EXACT, never NEG itself
     if futures[scores] is TAINTED_FINITE and e.in_kinds[bias] is UNSCANNED \
-        and isinstance(futures[bias], float) and _is_neg(futures[bias]):
+        and _is_neg(futures[bias]):
       values = e.known(bias)
       full = np.broadcast_shapes(values.shape, region.shape)
       fill_like = np.broadcast_to(values <= NEG_THRESHOLD, full)
