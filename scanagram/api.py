@@ -98,7 +98,8 @@ class StepFunctions:
       raise self._refuse_output(var, f"{why} ({kind})")
     if kind.axis != out_axis:
       raise self._refuse_output(
-          var, f"output {i} (shape {aval.shape}) runs along its axis {kind.axis}, "
+          var,
+          f"output {i} (shape {aval.shape}) runs along its axis {kind.axis}, "
           f"not along out_axes={self.out_axes}: its elements along axis "
           f"{out_axis} are not positions of the sequence (for as_scan the "
           f"outputs' time axis must be 0; to_step takes out_axes="
