@@ -27,8 +27,9 @@ JSON keys (figure name -> number):
     convert_seconds_<n>_layers, compile_step_seconds_<n>_layers,
     compile_forward_seconds_<n>_layers per depth.
   torch_step_ratio: TorchStepper call / the same jitted, donated step called
-    from JAX (target <= 1.15); torch_run_speedup: 64 TorchStepper calls /
-    one TorchStepper.run over 64 steps.
+    from JAX, median per call, the two taking turns call by call (target <=
+    1.15); torch_run_speedup: 64 TorchStepper calls / one TorchStepper.run
+    over 64 steps.
 
 Diagnostics (no target): ``*_step_ms_*`` and ``*_generate_ms_per_token_*``
 (absolute times), ``*_call_ratio`` (one dispatch per token),
@@ -63,7 +64,7 @@ import numpy as np
 
 from adapters.haiku import to_step
 from benchmarks import baselines, models
-from benchmarks.timing import interleaved, seconds
+from benchmarks.timing import interleaved, interleaved_calls, seconds
 
 FULL = dict(
     batch=8, repeats=15, warmup=1, call_repeats=15, calls=32,
@@ -417,42 +418,43 @@ def bench_torch(config, results, pair, params, tokens):
   check_close("torch stepper run", jnp.asarray(stepper.run(xs_block).numpy()),
               jnp.asarray(want))
 
-  def jax_calls(carry):
-    # y is consumed each call (as a generation loop does, and as a torch
-    # tensor must be: TorchStepper hands over a ready tensor)
-    for x in xs_jax:
-      carry, y = jax_step(params, carry, x)
-      y.block_until_ready()
-    return y
+  def jax_sequence(xs):
+    def start():
+      carry = pair.init(params)
 
-  def jax_host_calls(carry):
-    for x in xs_host:   # imported from host memory by the call, as a torch
-      carry, y = jax_step(params, carry, x)    # tensor is by TorchStepper
-      y.block_until_ready()
-    return y
+      def call(i):
+        nonlocal carry
+        carry, y = jax_step(params, carry, xs[i])
+        # y is consumed each call (as a generation loop does, and as a torch
+        # tensor must be: TorchStepper hands over a ready tensor)
+        y.block_until_ready()
+      return call
+    return start
 
-  def torch_calls(_):
-    for x in xs_torch:
-      y = stepper(x)
-    return jnp.asarray(y.numpy())  # noqa: the tensor is ready when returned
+  def torch_sequence():
+    stepper.reset()
+    return lambda i: stepper(xs_torch[i])
 
-  def torch_run(_):
-    return jnp.asarray(stepper.run(xs_block).numpy())
-
-  t = interleaved({
-      "jax": (lambda: pair.init(params), jax_calls),
-      "jax host x": (lambda: pair.init(params), jax_host_calls),
-      "torch": (stepper.reset, torch_calls),
-      "torch run": (stepper.reset, torch_run),
+  per_call = interleaved_calls({
+      "jax": jax_sequence(xs_jax),
+      # x imported from host memory by the call, as TorchStepper imports a
+      # torch tensor
+      "jax host x": jax_sequence(xs_host),
+      "torch": torch_sequence,
+  }, calls=calls, repeats=config["call_repeats"], warmup=config["warmup"])
+  whole = interleaved({
+      "calls": (stepper.reset, lambda _: [stepper(x) for x in xs_torch][-1]),
+      "run": (stepper.reset, lambda _: stepper.run(xs_block)),
   }, repeats=config["call_repeats"], warmup=config["warmup"])
-  results["torch_step_ratio"] = t["torch"] / t["jax"]
-  results["torch_run_speedup"] = t["torch"] / t["torch run"]
-  results["jax_host_input_ratio"] = t["jax host x"] / t["jax"]
-  results["torch_step_ratio_vs_host_input"] = t["torch"] / t["jax host x"]
-  log(f"  torch: {1e3 * t['torch'] / calls:.2f} ms/call TorchStepper, "
-      f"{1e3 * t['jax'] / calls:.2f} ms/call JAX "
-      f"({1e3 * t['jax host x'] / calls:.2f} with x from host memory), run "
-      f"{1e3 * t['torch run'] / calls:.2f} ms/step")
+  results["torch_step_ratio"] = per_call["torch"] / per_call["jax"]
+  results["torch_run_speedup"] = whole["calls"] / whole["run"]
+  results["jax_host_input_ratio"] = per_call["jax host x"] / per_call["jax"]
+  results["torch_step_ratio_vs_host_input"] = (per_call["torch"] /
+                                               per_call["jax host x"])
+  log(f"  torch: {1e3 * per_call['torch']:.2f} ms/call TorchStepper, "
+      f"{1e3 * per_call['jax']:.2f} ms/call JAX "
+      f"({1e3 * per_call['jax host x']:.2f} with x from host memory), run "
+      f"{1e3 * whole['run'] / calls:.2f} ms/step")
 
 
 def plot(latency, seconds_by_depth, path):

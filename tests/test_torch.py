@@ -276,6 +276,32 @@ def test_stepper_takes_torch_parameters_and_non_contiguous_inputs(model):
   _close(stepper(x_t), _time(want, 0))
 
 
+def test_stepper_step_takes_every_form_of_a_matching_tensor(model):
+  """A step's fast path (a NumPy view of x) and its full checks agree."""
+  pair, params, xs, want = model
+  stepper = TorchStepper(pair, params)
+  x0 = _t(xs[:, 0])
+  view = stepper._plain_x_view(x0)       # the fast path shares x's memory
+  assert view.ctypes.data == x0.data_ptr()
+
+  def form(t):             # element t in the form of step t
+    x = _t(xs[:, t])
+    if t == 0:
+      return x.clone().requires_grad_()
+    if t == 1:
+      return torch.tensor(np.asarray(xs[:, t]).T.copy()).t()  # strided
+    if t == 2:
+      buffer = torch.zeros(B * D + 1)      # a view off the 16-byte alignment
+      buffer[1:] = x.reshape(-1)
+      return buffer[1:].view(B, D)
+    return torch._neg_view(-x)             # a lazily negated tensor
+
+  for t in range(4):
+    _close(stepper(form(t)), _time(want, t))
+  with pytest.raises(ValueError, match=r"expected shape"):
+    stepper(torch.zeros(D, B))
+
+
 def test_stepper_refuses_bad_inputs_saying_expected_and_got(model):
   pair, params, xs, _ = model
   stepper = TorchStepper(pair, params)
