@@ -4,9 +4,10 @@ Write the training mode once; ``as_scan`` / ``to_step`` give the step (and
 prefill) that generates one element at a time.
 """
 from scanagram.api import StepFunctions, as_scan, as_scan_with_prefill, to_step
+from scanagram.associative import associative_scan
 from scanagram.custom import custom_scanagram
 from scanagram.errors import ScanConversionError
 
 __version__ = "0.1.0"
 __all__ = ["as_scan", "as_scan_with_prefill", "to_step", "StepFunctions",
-           "ScanConversionError", "custom_scanagram"]
+           "ScanConversionError", "custom_scanagram", "associative_scan"]

@@ -17,6 +17,13 @@ from scanagram.rules.common import pointwise, with_size
 from scanagram.rules.elementwise import scanned_axis
 
 
+# strided slices and interleaving pads along time are how lax.associative_scan
+# is traced
+_ASSOCIATIVE_SCAN_HINT = (
+    " (if this is lax.associative_scan, use scanagram.associative_scan: the "
+    "same function, and it converts)")
+
+
 def _future(e, axis, steps, what):
   return e.refuse(
       f"{what} along the scanned axis {axis}: element t would need element "
@@ -33,7 +40,7 @@ def slice_rule(e):
   strides = e.params.get("strides") or (1,) * e.in_avals[0].ndim
   if strides[axis] != 1:
     raise e.refuse(f"it takes one element in every {strides[axis]} along the "
-                   f"scanned axis {axis}")
+                   f"scanned axis {axis}{_ASSOCIATIVE_SCAN_HINT}")
   if start == 0 and limit == e.in_avals[0].shape[axis]:
     def resize(params, n):
       return dict(params,
@@ -84,7 +91,8 @@ def pad_rule(e):
   if (lo, hi, interior) == (0, 0, 0):
     return pointwise(e, [axis, None], [axis])
   if interior:
-    raise e.refuse(f"it pads between the elements of the scanned axis {axis}")
+    raise e.refuse(f"it pads between the elements of the scanned axis {axis}"
+                   f"{_ASSOCIATIVE_SCAN_HINT}")
   if kind.ahead + lo < 0:
     raise _future(e, axis, -(kind.ahead + lo), f"it removes {-lo} elements "
                   "from the front")

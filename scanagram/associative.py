@@ -1,0 +1,218 @@
+"""``associative_scan``: ``lax.associative_scan`` that converts to a step.
+
+``lax.associative_scan`` computes all prefixes ``x_0 * ... * x_t`` of an
+associative ``fn`` in O(log L) parallel depth, which is what linear RNNs and
+state-space models (S5, LRU, Mamba-style recurrences) train with. JAX traces
+it into strided slices and interleaving pads, whose per-primitive rules must
+refuse; this version binds one primitive, ``associative_scan``, so that the
+conversion sees the whole prefix computation and runs it as the recurrence it
+is: the step combines the running prefix (its state) with the new element.
+
+Everywhere else (eagerly, under ``jit``, ``grad`` and ``vmap``) it runs
+``lax.associative_scan`` itself, with the same arguments and results.
+"""
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jex_core
+
+from scanagram import _jax_internals
+from scanagram._jax_internals import ad, batching, mlir
+from scanagram.interpreter import Converted, bind, register, time_block
+from scanagram.kinds import UNSCANNED, Scanned, is_scanned
+from scanagram.rules.common import DelayLine, pointwise
+
+
+def associative_scan(fn, elems, reverse: bool = False, axis: int = 0):
+  """``jax.lax.associative_scan``, convertible by ``as_scan`` / ``to_step``.
+
+  Same arguments and results as ``lax.associative_scan``: ``fn(a, b)``
+  combines two pytrees shaped like ``elems`` (elementwise along ``axis``,
+  associative), and the result holds the prefixes along ``axis``. ``fn`` may
+  close over parameters; it must not close over values computed from the
+  sequence (pass those in ``elems``).
+
+  Converted along the scanned axis (``reverse=False``), the step's state is
+  the prefix so far; along another axis, each position runs on its own.
+
+  Example:
+    >>> import jax.numpy as jnp, scanagram
+    >>> def linear_rnn(xs):                  # h_t = 0.5 h_{t-1} + x_t
+    ...   a = jnp.full_like(xs, 0.5)
+    ...   combine = lambda l, r: (l[0] * r[0], r[0] * l[1] + r[1])
+    ...   return scanagram.associative_scan(combine, (a, xs))[1]
+    >>> step, init = scanagram.as_scan(linear_rnn, jnp.ones((4, 2)))
+    >>> jax.lax.scan(step, init, jnp.ones((4, 2)))[1][:, 0].tolist()
+    [1.0, 1.5, 1.75, 1.875]
+  """
+  leaves, tree = jax.tree.flatten(elems)
+  if not leaves:
+    raise ValueError("associative_scan: elems has no arrays")
+  shapes = [jnp.shape(x) for x in leaves]
+  ndim = len(shapes[0])
+  if not -ndim <= axis < ndim:
+    raise ValueError(f"associative_scan: axis {axis} is out of range for "
+                     f"elems of {ndim} dimensions")
+  axis %= ndim
+  lengths = {s[axis] if len(s) > axis else None for s in shapes}
+  if len(lengths) != 1:
+    raise ValueError("associative_scan: the leaves of elems have different "
+                     f"lengths along axis {axis}: {shapes}")
+  elements = [jax.ShapeDtypeStruct(s[:axis] + s[axis + 1:], jnp.result_type(x))
+              for s, x in zip(shapes, leaves)]
+
+  def flat_fn(a, b):
+    out = fn(jax.tree.unflatten(tree, a), jax.tree.unflatten(tree, b))
+    out_leaves, out_tree = jax.tree.flatten(out)
+    if out_tree != tree:
+      raise ValueError(f"associative_scan: fn returns the structure {out_tree}"
+                       f", elems have {tree}")
+    return out_leaves
+  closed = jax.make_jaxpr(flat_fn)(elements, elements)
+  for spec, got in zip(elements, closed.out_avals):
+    if (tuple(spec.shape), spec.dtype) != (tuple(got.shape), got.dtype):
+      raise ValueError(
+          "associative_scan: fn must return elements shaped like its "
+          f"arguments: {spec.shape} {spec.dtype} in, {got.shape} {got.dtype} "
+          "out")
+  # the values fn closes over (possibly tracers: parameters) become operands
+  consts = closed.consts
+  combine = jex_core.ClosedJaxpr(
+      _jax_internals.convert_constvars_jaxpr(closed.jaxpr), ())
+  outs = associative_scan_p.bind(*consts, *leaves, combine=combine, axis=axis,
+                                 reverse=bool(reverse),
+                                 n_consts=len(consts))
+  return jax.tree.unflatten(tree, outs)
+
+
+_jax_internals.exclude_from_user_frames(__file__)  # errors name the caller
+associative_scan_p = jex_core.Primitive("associative_scan")
+associative_scan_p.multiple_results = True
+
+
+def _combine_fn(combine, consts, axis):
+  """``fn`` on pytrees (lists of leaves) of any length along ``axis``: the
+  traced element-wise combination, vectorized along it."""
+  per_element = jex_core.jaxpr_as_fun(combine)
+
+  def fn(a, b):
+    return jax.vmap(lambda *ab: per_element(*consts, *ab), in_axes=axis,
+                    out_axes=axis)(*a, *b)
+  return fn
+
+
+def _run(*args, combine, axis, reverse, n_consts):
+  consts, leaves = args[:n_consts], list(args[n_consts:])
+  return lax.associative_scan(_combine_fn(combine, consts, axis), leaves,
+                              reverse=reverse, axis=axis)
+
+
+def _abstract_eval(*avals, combine, axis, n_consts, **_):
+  return avals[n_consts:]
+
+
+def _jvp(primals, tangents, **params):
+  tangents = [ad.instantiate_zeros(t) for t in tangents]
+  outs = associative_scan_p.bind(*primals, **params)
+  _, out_tangents = jax.jvp(functools.partial(_run, **params),
+                            tuple(primals), tuple(tangents))
+  return outs, list(out_tangents)
+
+
+def _batch(args, dims, **params):
+  outs = jax.vmap(functools.partial(_run, **params), in_axes=tuple(dims))(
+      *args)
+  return outs, [0] * len(outs)
+
+
+associative_scan_p.def_impl(_run)
+associative_scan_p.def_abstract_eval(_abstract_eval)
+ad.primitive_jvps[associative_scan_p] = _jvp
+batching.primitive_batchers[associative_scan_p] = _batch
+mlir.register_lowering(associative_scan_p,
+                       mlir.lower_fun(_run, multiple_results=True))
+
+
+@register(associative_scan_p)
+def associative_scan_rule(e):
+  """Along the scanned axis: causal when not reversed (prefix t combines
+  elements 0..t); the state is the prefix so far. Along another axis:
+  pointwise in time. Refused when ``fn`` closes over a value that depends on
+  the scanned input."""
+  n_consts, axis = e.params["n_consts"], e.params["axis"]
+  if any(k is not UNSCANNED for k in e.in_kinds[:n_consts]):
+    raise e.refuse("its combining function closes over a value that depends "
+                   "on the scanned input: pass that value in elems instead")
+  kinds, avals = e.in_kinds[n_consts:], e.in_avals[n_consts:]
+  if any(k is not UNSCANNED and not is_scanned(k) for k in kinds):
+    raise e.refuse("it takes attention scores or a value known only at the "
+                   "end of the sequence")
+  time_axes = sorted({k.axis for k in kinds if is_scanned(k)})
+  if len(time_axes) != 1:
+    raise e.refuse(f"its elems are scanned along different axes {time_axes}")
+  time = time_axes[0]
+  length = next(a.shape[time] for a, k in zip(avals, kinds) if is_scanned(k))
+  for a, k in zip(avals, kinds):
+    if k is UNSCANNED and a.shape[time] != length:
+      raise e.refuse(f"a leaf of elems that does not depend on the scanned "
+                     f"input (shape {a.shape}) has no axis {time} of length "
+                     f"{length}: every position would meet all of it")
+  n_out = len(e.out_avals)
+  if time != axis:
+    return pointwise(e, [None] * n_consts + [time] * len(kinds),
+                     [time] * n_out)
+  if e.params["reverse"]:
+    raise e.refuse(f"it runs with reverse=True along the scanned axis {axis}: "
+                   "element t combines elements t..L-1, the future")
+  return _prefix_recurrence(e, n_consts, axis, kinds, avals)
+
+
+def _prefix_recurrence(e, n_consts, axis, kinds, avals):
+  """The scan along time as a recurrence: state ``(prefix, started)``, the
+  prefix of the elements so far (size 1 along ``axis``) and whether there is
+  one (none before the first element, as ``fn`` need have no identity)."""
+  ahead = min(k.ahead for k in kinds if is_scanned(k))
+  lines = {i: DelayLine(axis, avals[i].shape[axis], ahead, k.ahead - ahead)
+           for i, k in enumerate(kinds) if is_scanned(k) and k.ahead > ahead}
+
+  def block(ctx, ins):
+    xs = list(ins[n_consts:])
+    for i, k in enumerate(kinds):
+      if k is UNSCANNED:
+        xs[i] = time_block(ctx, xs[i], axis, ahead)
+    return list(ins[:n_consts]), xs
+
+  def prefill(ctx, ins):
+    consts, xs = block(ctx, ins)
+    queues = {}
+    for i, line in lines.items():
+      queues[i], xs[i] = line.prefill(ctx, xs[i])
+    n = xs[0].shape[axis]
+    ys = bind(e.eqn, consts + xs)
+    if n:
+      prefix = [lax.slice_in_dim(y, n - 1, n, axis=axis) for y in ys]
+    else:
+      prefix = [jnp.zeros(_size_one(y.shape, axis), y.dtype) for y in ys]
+    return (prefix, jnp.asarray(n > 0), queues), ys
+
+  def step(ctx, state, ins):
+    prefix, started, queues = state
+    consts, xs = block(ctx, ins)
+    new_queues = {}
+    for i, line in lines.items():
+      new_queues[i], xs[i] = line.step(queues[i], xs[i])
+    combined = _combine_fn(e.params["combine"], consts, axis)(prefix, xs)
+    ys = [jnp.where(started, c, x) for c, x in zip(combined, xs)]
+    return (ys, jnp.asarray(True), new_queues), ys
+
+  out_kinds = [Scanned(axis, ahead)] * len(e.out_avals)
+  return Converted(out_kinds, prefill, step, True)
+
+
+def _size_one(shape, axis):
+  return tuple(1 if i == axis else s for i, s in enumerate(shape))
+
+
+__all__ = ["associative_scan", "associative_scan_p"]
