@@ -90,6 +90,12 @@ def test_elements_running_ahead_are_delayed():
 
   check_scan(with_previous, X, prefill_lengths=range(L + 1))
 
+  def all_ahead(xs):                       # every element runs 2 ahead
+    earlier = jnp.concatenate([jnp.zeros_like(xs[:2]), xs[:-2]])
+    return jnp.tanh(scanagram.associative_scan(lax.max, earlier)) * xs
+
+  check_scan(all_ahead, X, prefill_lengths=range(L + 1))
+
 
 def test_complex_diagonal_recurrence():
   # an LRU-like layer: complex diagonal state, real projections out
