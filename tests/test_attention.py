@@ -345,3 +345,66 @@ def test_multiplying_possibly_infinite_scores_by_zero_refused():
     weights = jnp.log(jnp.abs(q @ k.T)) * jnp.tril(jnp.ones((L, L)))
     return weights @ v
   check_refused(f, _x(), "dot_general", "no causal mask")
+
+
+# -- scaled scores and position schemes ---------------------------------------
+def test_additive_mask_after_dividing_by_a_constant():
+  """scores / sqrt(d) stay finite where the step's buffer is empty, so an
+  additive mask after the division is proven as before it."""
+  def f(x, divisor=np.sqrt(D)):
+    q, k, v = qkv(x)
+    logits = q @ k.T / divisor + jnp.where(tril_mask(L), 0., -1e9)
+    return jax.nn.softmax(logits) @ v
+  check_scan(f, _x(), prefill_lengths=range(L + 1))
+  # dividing by 0 at the future keys may give inf there: nothing is proven
+  check_refused(lambda x: f(x, divisor=tril_mask(L).astype(jnp.float32)),
+                _x(), "reduce_max", "no causal mask")
+
+
+H = 2
+POS = jnp.arange(L)
+ALIBI = -jnp.array([0.5, 0.25])[:, None, None] * (POS[:, None] - POS)[None]
+
+
+def rope(x):                               # x: [T, H, dh]
+  half = x.shape[-1] // 2
+  angles = POS[:, None] / 10.0 ** (jnp.arange(half) / half)
+  sin, cos = jnp.sin(angles)[:, None], jnp.cos(angles)[:, None]
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+def multi_head(x, bias=0.0, mask="where", position=None):
+  q, k, v = (t.reshape(L, H, D // H) for t in qkv(x))
+  if position is not None:
+    q, k = position(q), position(k)
+  logits = jnp.einsum("thd,shd->hts", q, k) / np.sqrt(D // H) + bias
+  if mask == "where":
+    logits = jnp.where(tril_mask(L), logits, -jnp.inf)
+  else:
+    logits = logits + jnp.where(tril_mask(L), 0., -jnp.inf)
+  weights = jax.nn.softmax(logits, axis=-1)
+  return jnp.einsum("hts,shd->thd", weights, v).reshape(L, D)
+
+
+@pytest.mark.parametrize("case", ["alibi", "alibi additive", "rope"])
+def test_position_schemes_convert(case):
+  f = {"alibi": lambda x: multi_head(x, ALIBI),
+       "alibi additive": lambda x: multi_head(x, ALIBI, mask="add"),
+       "rope": lambda x: multi_head(x, position=rope)}[case]
+  check_scan(f, _x(), prefill_lengths=[0, 2, L])
+
+
+def test_learned_relative_position_bias_as_a_parameter():
+  """A T5-style bias: a learned table indexed by i - j, a step input."""
+  def f(table, x):
+    return multi_head(x, table[:, POS[:, None] - POS[None, :] + L])
+
+  table = random_like(jnp.zeros((H, 2 * L)), 7)
+  fns = scanagram.to_step(f, table, _x(), in_axes=(None, 0))
+  want = f(table, _x())
+  carry, out = fns.prefill(table, _x()[:2])
+  np.testing.assert_allclose(out, want[:2], atol=1e-5)
+  for t in range(2, L):
+    carry, y = fns.step(table, carry, _x()[t])
+    np.testing.assert_allclose(y, want[t], atol=1e-5)

@@ -344,6 +344,9 @@ def _combine_future(e, futures):
     return _combine_low(name, futures)
   tainted = [f for f in futures if _is_tainted(f)]
   finite = all(f is TAINTED_FINITE for f in tainted)
+  if name == "div" and futures[0] is TAINTED_FINITE and isinstance(
+      futures[1], float) and np.isfinite(futures[1]) and futures[1] != 0:
+    return TAINTED_FINITE  # scores / sqrt(d): a finite, nonzero constant
   if name in ("mul", "and") and finite and any(
       f == 0.0 and not isinstance(f, str) for f in futures):
     return 0.0  # 0 times a value that is finite in both modes
