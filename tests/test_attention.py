@@ -408,3 +408,13 @@ def test_learned_relative_position_bias_as_a_parameter():
   for t in range(2, L):
     carry, y = fns.step(table, carry, _x()[t])
     np.testing.assert_allclose(y, want[t], atol=1e-5)
+
+
+def test_mixed_precision_weights_cast_to_bfloat16():
+  """Softmax in float32, weights cast to bfloat16 for the value product."""
+  def f(x):
+    q, k, v = (t.astype(jnp.bfloat16) for t in qkv(x))
+    logits = jnp.where(tril_mask(L), (q @ k.T).astype(jnp.float32), -1e9)
+    weights = jax.nn.softmax(logits).astype(jnp.bfloat16)
+    return (weights @ v).astype(jnp.float32)
+  check_scan(f, _x(), prefill_lengths=[0, 3, L], tol=2e-2)

@@ -396,7 +396,8 @@ def _combine_low(name, futures):
 
 
 def _scalar_params(params):
-  return {k: v for k, v in params.items() if k != "sharding"}
+  """``params`` for binding on scalars: no sharding of the full shape."""
+  return {k: (None if k == "sharding" else v) for k, v in params.items()}
 
 
 def _history_axes(e):
