@@ -20,9 +20,9 @@ from jax.extend import core as jex_core
 
 from scanagram import _jax_internals
 from scanagram._jax_internals import ad, batching, mlir
-from scanagram.interpreter import Converted, bind, register, time_block
-from scanagram.kinds import UNSCANNED, Scanned, is_scanned
-from scanagram.rules.common import DelayLine, pointwise
+from scanagram.interpreter import Converted, bind, register
+from scanagram.kinds import Scanned
+from scanagram.rules.common import AlignedLeaves, pointwise
 
 
 def associative_scan(fn, elems, reverse: bool = False, axis: int = 0):
@@ -142,53 +142,26 @@ def associative_scan_rule(e):
   pointwise in time. Refused when ``fn`` closes over a value that depends on
   the scanned input."""
   n_consts, axis = e.params["n_consts"], e.params["axis"]
-  if any(k is not UNSCANNED for k in e.in_kinds[:n_consts]):
-    raise e.refuse("its combining function closes over a value that depends "
-                   "on the scanned input: pass that value in elems instead")
-  kinds, avals = e.in_kinds[n_consts:], e.in_avals[n_consts:]
-  if any(k is not UNSCANNED and not is_scanned(k) for k in kinds):
-    raise e.refuse("it takes attention scores or a value known only at the "
-                   "end of the sequence")
-  time_axes = sorted({k.axis for k in kinds if is_scanned(k)})
-  if len(time_axes) != 1:
-    raise e.refuse(f"its elems are scanned along different axes {time_axes}")
-  time = time_axes[0]
-  length = next(a.shape[time] for a, k in zip(avals, kinds) if is_scanned(k))
-  for a, k in zip(avals, kinds):
-    if k is UNSCANNED and a.shape[time] != length:
-      raise e.refuse(f"a leaf of elems that does not depend on the scanned "
-                     f"input (shape {a.shape}) has no axis {time} of length "
-                     f"{length}: every position would meet all of it")
-  n_out = len(e.out_avals)
+  leaves = AlignedLeaves(e, n_consts, "associative_scan's fn",
+                         "pass that value in elems instead")
+  time, n_out = leaves.axis, len(e.out_avals)
   if time != axis:
-    return pointwise(e, [None] * n_consts + [time] * len(kinds),
+    return pointwise(e, [None] * n_consts + [time] * len(leaves.kinds),
                      [time] * n_out)
   if e.params["reverse"]:
     raise e.refuse(f"it runs with reverse=True along the scanned axis {axis}: "
                    "element t combines elements t..L-1, the future")
-  return _prefix_recurrence(e, n_consts, axis, kinds, avals)
+  return _prefix_recurrence(e, leaves)
 
 
-def _prefix_recurrence(e, n_consts, axis, kinds, avals):
+def _prefix_recurrence(e, leaves):
   """The scan along time as a recurrence: state ``(prefix, started)``, the
-  prefix of the elements so far (size 1 along ``axis``) and whether there is
+  prefix of the elements so far (size 1 along the axis) and whether there is
   one (none before the first element, as ``fn`` need have no identity)."""
-  ahead = min(k.ahead for k in kinds if is_scanned(k))
-  lines = {i: DelayLine(axis, avals[i].shape[axis], ahead, k.ahead - ahead)
-           for i, k in enumerate(kinds) if is_scanned(k) and k.ahead > ahead}
-
-  def block(ctx, ins):
-    xs = list(ins[n_consts:])
-    for i, k in enumerate(kinds):
-      if k is UNSCANNED:
-        xs[i] = time_block(ctx, xs[i], axis, ahead)
-    return list(ins[:n_consts]), xs
+  axis = leaves.axis
 
   def prefill(ctx, ins):
-    consts, xs = block(ctx, ins)
-    queues = {}
-    for i, line in lines.items():
-      queues[i], xs[i] = line.prefill(ctx, xs[i])
+    queues, consts, xs = leaves.prefill(ctx, ins)
     n = xs[0].shape[axis]
     ys = bind(e.eqn, consts + xs)
     if n:
@@ -199,15 +172,12 @@ def _prefix_recurrence(e, n_consts, axis, kinds, avals):
 
   def step(ctx, state, ins):
     prefix, started, queues = state
-    consts, xs = block(ctx, ins)
-    new_queues = {}
-    for i, line in lines.items():
-      new_queues[i], xs[i] = line.step(queues[i], xs[i])
+    queues, consts, xs = leaves.step(ctx, queues, ins)
     combined = _combine_fn(e.params["combine"], consts, axis)(prefix, xs)
     ys = [jnp.where(started, c, x) for c, x in zip(combined, xs)]
-    return (ys, jnp.asarray(True), new_queues), ys
+    return (ys, jnp.asarray(True), queues), ys
 
-  out_kinds = [Scanned(axis, ahead)] * len(e.out_avals)
+  out_kinds = [Scanned(axis, leaves.ahead)] * len(e.out_avals)
   return Converted(out_kinds, prefill, step, True)
 
 

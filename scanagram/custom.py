@@ -17,9 +17,9 @@ from jax.extend import core as jex_core
 
 from scanagram import _jax_internals
 from scanagram._jax_internals import ad, batching, mlir
-from scanagram.interpreter import Converted, register, time_block
-from scanagram.kinds import UNSCANNED, Scanned, is_scanned
-from scanagram.rules.common import DelayLine
+from scanagram.interpreter import Converted, register
+from scanagram.kinds import Scanned
+from scanagram.rules.common import AlignedLeaves
 
 
 class custom_scanagram:  # noqa: N801  (a decorator, named like jax.custom_jvp)
@@ -142,28 +142,9 @@ def custom_scanagram_rule(e):
   if custom.rule is None:
     raise e.refuse(f"{name} has no rule: define one with @{name}.def_scanagram"
                    f" or @{name}.def_scanagram_with_prefill")
-  if any(k is not UNSCANNED for k in e.in_kinds[:n_consts]):
-    raise e.refuse(f"{name} closes over a value that depends on the scanned "
-                   "input: pass it in xs instead")
-  kinds = e.in_kinds[n_consts:]
+  leaves = AlignedLeaves(e, n_consts, name, "pass it in xs instead")
+  axis, length = leaves.axis, leaves.length
   avals = e.in_avals[n_consts:]
-  if any(k is not UNSCANNED and not is_scanned(k) for k in kinds):
-    raise e.refuse(f"{name} takes attention scores or a value known only at "
-                   "the end of the sequence")
-  axes = {k.axis for k in kinds if is_scanned(k)}
-  if len(axes) != 1:
-    raise e.refuse(f"the leaves of {name}'s xs are scanned along different "
-                   f"axes {sorted(axes)}")
-  axis = axes.pop()
-  length = next(a.shape[axis] for a, k in zip(avals, kinds) if is_scanned(k))
-  for a, k in zip(avals, kinds):
-    if k is UNSCANNED and (a.ndim <= axis or a.shape[axis] != length):
-      raise e.refuse(f"a leaf of {name}'s xs (shape {a.shape}) does not depend"
-                     f" on the scanned input and has no axis {axis} of length "
-                     f"{length}")
-  ahead = min(k.ahead for k in kinds if is_scanned(k))
-  lines = {i: DelayLine(axis, avals[i].shape[axis], ahead, k.ahead - ahead)
-           for i, k in enumerate(kinds) if is_scanned(k) and k.ahead > ahead}
   xs_shapes = jax.tree.unflatten(
       in_tree, [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals])
   if custom.with_prefill:
@@ -172,17 +153,8 @@ def custom_scanagram_rule(e):
     out_axis, body_fn, carry_init = custom.rule(axis, xs_shapes)
   out_axes = [out_axis % max(a.ndim, 1) for a in e.out_avals]
 
-  def xs_block(ctx, ins):
-    xs = list(ins[n_consts:])
-    for i, k in enumerate(kinds):
-      if k is UNSCANNED:
-        xs[i] = time_block(ctx, xs[i], axis, ahead)
-    return xs
-
   def prefill(ctx, ins):
-    xs, queues = xs_block(ctx, ins), {}
-    for i, line in lines.items():
-      queues[i], xs[i] = line.prefill(ctx, xs[i])
+    queues, _, xs = leaves.prefill(ctx, ins)
     if custom.with_prefill:
       carry, out = init_fn(jax.tree.unflatten(in_tree, xs))
       ys = jax.tree.leaves(out)
@@ -191,22 +163,21 @@ def custom_scanagram_rule(e):
       moved = [jnp.moveaxis(x, axis, 0) for x in xs]
       carry, ys = lax.scan(
           lambda c, x: body_fn(c, jax.tree.unflatten(in_tree, x)), carry,
-          moved, length=ctx.block(length, ahead)[1])
+          moved, length=ctx.block(length, leaves.ahead)[1])
       ys = [jnp.moveaxis(y, 0, a)
             for y, a in zip(jax.tree.leaves(ys), out_axes)]
     return (carry, queues), _check_outs(e, name, ys)
 
   def step(ctx, state, ins):
     carry, queues = state
-    xs, new_queues = xs_block(ctx, ins), {}
-    for i, line in lines.items():
-      new_queues[i], xs[i] = line.step(queues[i], xs[i])
+    new_queues, _, xs = leaves.step(ctx, queues, ins)
     x = jax.tree.unflatten(in_tree, [jnp.squeeze(x, axis) for x in xs])
     carry, y = body_fn(carry, x)
     ys = [jnp.expand_dims(y, a)
           for y, a in zip(jax.tree.leaves(y), out_axes)]
     return (carry, new_queues), _check_outs(e, name, ys)
-  return Converted([Scanned(a, ahead) for a in out_axes], prefill, step, True)
+  return Converted([Scanned(a, leaves.ahead) for a in out_axes], prefill,
+                   step, True)
 
 
 def _check_outs(e, name, ys):

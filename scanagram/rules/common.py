@@ -117,3 +117,63 @@ def with_size(shape: Sequence[int], axis: int, n: int) -> tuple:
   shape = list(shape)
   shape[axis] = n
   return tuple(shape)
+
+
+class AlignedLeaves:
+  """The operands of a call-like equation (``custom_scanagram``,
+  ``associative_scan``): ``n_consts`` values its function closes over, which
+  must not depend on the scanned input, then leaves scanned along one axis,
+  or unscanned with that axis at full length. ``prefill`` and ``step`` give
+  the leaves' current block lined up to the least-ahead leaf (``ahead``)."""
+
+  def __init__(self, e, n_consts: int, name: str, closes_over: str):
+    self.n_consts = n_consts
+    if any(k is not UNSCANNED for k in e.in_kinds[:n_consts]):
+      raise e.refuse(f"{name} closes over a value that depends on the "
+                     f"scanned input: {closes_over}")
+    self.kinds = kinds = e.in_kinds[n_consts:]
+    avals = e.in_avals[n_consts:]
+    if any(k is not UNSCANNED and not is_scanned(k) for k in kinds):
+      raise e.refuse(f"{name} takes attention scores or a value known only "
+                     "at the end of the sequence")
+    axes = sorted({k.axis for k in kinds if is_scanned(k)})
+    if len(axes) != 1:
+      raise e.refuse(f"the leaves of {name}'s input are scanned along "
+                     f"different axes {axes}")
+    self.axis = axis = axes[0]
+    self.length = next(a.shape[axis] for a, k in zip(avals, kinds)
+                       if is_scanned(k))
+    for a, k in zip(avals, kinds):
+      if k is UNSCANNED and (a.ndim <= axis or a.shape[axis] != self.length):
+        raise e.refuse(f"a leaf of {name}'s input (shape {a.shape}) does not "
+                       f"depend on the scanned input and has no axis {axis} "
+                       f"of length {self.length}")
+    self.ahead = min(k.ahead for k in kinds if is_scanned(k))
+    self.lines = {
+        i: DelayLine(axis, avals[i].shape[axis], self.ahead,
+                     k.ahead - self.ahead)
+        for i, k in enumerate(kinds) if is_scanned(k) and k.ahead > self.ahead}
+
+  def _split(self, ctx, ins):
+    xs = list(ins[self.n_consts:])
+    for i, k in enumerate(self.kinds):
+      if k is UNSCANNED:
+        xs[i] = time_block(ctx, xs[i], self.axis, self.ahead)
+    return list(ins[:self.n_consts]), xs
+
+  def prefill(self, ctx, ins):
+    """``(queues, consts, leaves)`` for the prompt."""
+    consts, xs = self._split(ctx, ins)
+    queues = {}
+    for i, line in self.lines.items():
+      queues[i], xs[i] = line.prefill(ctx, xs[i])
+    return queues, consts, xs
+
+  def step(self, ctx, queues, ins):
+    """``(queues, consts, leaves)`` for one step (leaves of size 1 along
+    ``axis``)."""
+    consts, xs = self._split(ctx, ins)
+    new = {}
+    for i, line in self.lines.items():
+      new[i], xs[i] = line.step(queues[i], xs[i])
+    return new, consts, xs
