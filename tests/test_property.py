@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from hypothesis import given, settings, strategies as st
 from jax import lax
 
+import scanagram
 from conftest import check_scan, random_like
 
 L, D = 7, 3
@@ -17,6 +18,20 @@ POS = jax.random.normal(jax.random.key(5), (L, D))
 def attention(x):
   logits = jnp.where(jnp.tril(jnp.ones((L, L), bool)), (x @ W) @ x.T, -1e9)
   return jax.nn.softmax(logits) @ x
+
+
+def additive_attention(x):
+  """Scores scaled by division, an ALiBi bias, an additive -inf mask."""
+  pos = jnp.arange(L)
+  bias = -0.5 * (pos[:, None] - pos[None, :]) + jnp.where(
+      pos[:, None] >= pos[None, :], 0., -jnp.inf)
+  return jax.nn.softmax((x @ W) @ x.T / 2.0 + bias) @ x
+
+
+def linear_recurrence(x):
+  """h_t = sigmoid(x_t) * h_{t-1} + x_t, as a parallel scan."""
+  return scanagram.associative_scan(
+      lambda l, r: (l[0] * r[0], r[0] * l[1] + r[1]), (jax.nn.sigmoid(x), x))[1]
 
 
 BLOCKS = {
@@ -35,6 +50,8 @@ BLOCKS = {
     "transpose_roundtrip": lambda x: jnp.swapaxes(
         jnp.swapaxes(x, 0, 1) * 2, 0, 1),
     "attention": attention,
+    "additive_attention": additive_attention,
+    "linear_recurrence": linear_recurrence,
     "layernorm": lambda x: (x - x.mean(-1, keepdims=True)) / (
         x.std(-1, keepdims=True) + 1),
 }
@@ -60,6 +77,9 @@ ANTI_CAUSAL = {
     "future_conv": lambda x: lax.conv_general_dilated(
         x[None], K, (1,), [(0, 1)], dimension_numbers=("NWC", "WIO", "NWC"))[0],
     "roll": lambda x: jnp.roll(x, 1, axis=0),
+    "reverse_scan": lambda x: scanagram.associative_scan(lax.add, x,
+                                                         reverse=True),
+    "reverse_cumsum": lambda x: jnp.cumsum(x[::-1], 0)[::-1],
 }
 
 
