@@ -163,3 +163,42 @@ def test_haiku_model_with_a_parameter_in_fn_through_to_step():
     for t in range(p, L):
       carry, y = pair.step(params, carry, ids[:, t])
       assert_trees_close(y, want[:, t], 1e-4)
+
+
+def selective_ssm_block(x, d=8, n=4):
+  """A Mamba-style block: causal depthwise conv, then a selective scan whose
+  decay depends on the input (both elems scanned)."""
+  u, gate = jnp.split(hk.Linear(2 * d)(hk.RMSNorm(-1)(x)), 2, -1)
+  u = jax.nn.silu(hk.Conv1D(d, 4, padding=hk.pad.causal,
+                            feature_group_count=d)(u))
+  dt = jax.nn.softplus(hk.Linear(d)(u))                      # [B, L, d]
+  a = -jnp.exp(hk.get_parameter("a_log", [d, n],
+                                init=hk.initializers.RandomNormal()))
+  b, c = hk.Linear(n)(u), hk.Linear(n)(u)                    # [B, L, n]
+  decay = jnp.exp(dt[..., None] * a)                         # [B, L, d, n]
+  drive = dt[..., None] * b[:, :, None, :] * u[..., None]
+  h = scanagram.associative_scan(linear_step, (decay, drive), axis=1)[1]
+  y = jnp.einsum("bldn,bln->bld", h, c) + u
+  return x + hk.Linear(d)(y * jax.nn.silu(gate))
+
+
+def test_selective_state_space_model_through_to_step():
+  from adapters.haiku import to_step
+
+  def forward(ids):
+    x = hk.Embed(11, 8)(ids)
+    x = x + 0.5 * jnp.pad(x, ((0, 0), (1, 0), (0, 0)))[:, :-1]  # token shift
+    for _ in range(2):
+      x = selective_ssm_block(x)
+    return hk.Linear(11)(x)
+
+  model = hk.without_apply_rng(hk.transform(forward))
+  ids = jax.random.randint(jax.random.key(5), (B, 2 * L), 0, 11)
+  params = model.init(jax.random.key(6), ids)
+  want = model.apply(params, ids)
+  pair = to_step(model, ids, axis=1)
+  carry, out = pair.prefill(params, ids[:, :5])
+  assert_trees_close(out, want[:, :5], 1e-4)
+  for t in range(5, 2 * L):
+    carry, y = pair.step(params, carry, ids[:, t])
+    assert_trees_close(y, want[:, t], 1e-4)
