@@ -1,14 +1,17 @@
-"""Primitives that act on trailing axes only: FFTs and linear algebra.
+"""Primitives that act on some axes independently of the others: FFTs,
+linear algebra, pooling.
 
-Causal when the scanned axis is one of the leading batch axes, which they
-treat independently: each position's matrices (or signals) are transformed
-on their own.
+Causal when the scanned axis is one of the batch axes, which they treat
+independently: each position's matrices (or signals) are transformed on
+their own. Pooling along time is causal with front padding, like a
+convolution.
 """
+import numpy as np
 from jax.extend.core import primitives as P
 
 from scanagram.interpreter import register
 from scanagram.kinds import UNSCANNED, is_scanned
-from scanagram.rules.common import pointwise
+from scanagram.rules.common import CausalWindow, pointwise, replaced_at
 
 # primitive -> number of trailing axes it acts on
 _TRAILING = {
@@ -62,19 +65,62 @@ def approx_top_k_rule(e):
 @register(P.reduce_window_sum_p, P.reduce_window_max_p, P.reduce_window_min_p,
           P.reduce_window_p)
 def reduce_window_rule(e):
-  """Pooling: causal when its window along the scanned axis is one element
-  with stride 1 and no padding there. (``reduce_window`` with a custom
-  computation takes its operands, then their scalar init values.)"""
+  """Pooling: pointwise when its window along the scanned axis is one
+  element with no padding; along time (a moving sum, max...) causal with
+  stride 1 and front padding covering the window's reach, ``lo >= (K - 1) *
+  dilation - ahead``: the state is a ring of the last inputs, as for a
+  convolution. (``reduce_window`` with a custom computation takes its
+  operands, then their scalar init values.)"""
   n = len(e.out_avals)
   if any(k is not UNSCANNED for k in e.in_kinds[n:]) and (
       e.primitive is P.reduce_window_p):
     raise e.refuse("its init value depends on the scanned input")
-  axis = next(k.axis for k in e.in_kinds if is_scanned(k))
-  p = e.params
-  if (p["window_dimensions"][axis], p["window_strides"][axis],
-      tuple(p["padding"][axis]), p["base_dilation"][axis],
-      p["window_dilation"][axis]) != (1, 1, (0, 0), 1, 1):
-    raise e.refuse(f"{e.primitive.name} pools along the scanned axis {axis}")
+  kind = next(k for k in e.in_kinds if is_scanned(k))
+  axis, p = kind.axis, e.params
+  size, stride = p["window_dimensions"][axis], p["window_strides"][axis]
+  (lo, hi), dilation = p["padding"][axis], p["window_dilation"][axis]
+  operand_axes = [axis] * n + [None] * (len(e.in_avals) - n)
+  if (size, stride, (lo, hi), p["base_dilation"][axis]) == (1, 1, (0, 0), 1):
+    return pointwise(e, operand_axes, [axis] * n)
+  name = e.primitive.name
+  if stride != 1 or p["base_dilation"][axis] != 1:
+    raise e.refuse(f"{name} strides or dilates the scanned axis {axis}")
+  if n != 1 or any(is_scanned(k) and k.axis != axis for k in e.in_kinds):
+    raise e.refuse(f"{name} pools several operands along the scanned axis")
+  reach = (size - 1) * dilation
+  ahead = kind.ahead + lo - reach
+  if ahead < 0:
+    raise e.refuse(
+        f"{name} pools along the scanned axis {axis} with padding ({lo}, "
+        f"{hi}) and a window reaching {reach} elements: element t would need "
+        f"element t + {-ahead} of the input (causal padding is ({reach}, 0))")
+  if reach == 0:
+    raise e.refuse(f"{name} pads a one-element window along the scanned axis")
+
+  def pool(ins, padding, window_dilation):
+    params = dict(p)
+    params["padding"] = replaced_at(p["padding"], axis, padding)
+    params["window_dilation"] = replaced_at(p["window_dilation"], axis,
+                                          window_dilation)
+    out = e.primitive.bind(*ins, **params)
+    return out[0] if e.primitive.multiple_results else out
+
+  return CausalWindow(e, axis, axis, reach, size, dilation, (lo, hi), ahead,
+                      pool, lambda ins: _padding_value(e, ins)).converted()
+
+
+def _padding_value(e, ins):
+  """What the training mode pads a pooling with: its init value."""
   if e.primitive is P.reduce_window_p:
-    return pointwise(e, [axis] * n + [None] * n, [axis] * n)
-  return pointwise(e, [axis], [axis])
+    return ins[1]
+  dtype = e.in_avals[0].dtype
+  if e.primitive is P.reduce_window_sum_p:
+    return np.zeros((), dtype)
+  if np.issubdtype(dtype, np.inexact):
+    inf = np.array(np.inf, dtype)
+    return -inf if e.primitive is P.reduce_window_max_p else inf
+  if dtype == np.bool_:
+    return np.array(e.primitive is P.reduce_window_min_p)
+  info = np.iinfo(dtype)
+  return np.array(info.min if e.primitive is P.reduce_window_max_p
+                  else info.max, dtype)

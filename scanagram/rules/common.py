@@ -113,6 +113,13 @@ def pointwise(e,
   return Converted(out_kinds, prefill, step, True)
 
 
+def replaced_at(values: Sequence, i: int, value) -> tuple:
+  """``values`` with entry ``i`` replaced (a per-axis parameter)."""
+  values = list(values)
+  values[i] = value
+  return tuple(values)
+
+
 def with_size(shape: Sequence[int], axis: int, n: int) -> tuple:
   shape = list(shape)
   shape[axis] = n
@@ -177,3 +184,62 @@ class AlignedLeaves:
     for i, line in self.lines.items():
       new[i], xs[i] = line.step(queues[i], xs[i])
     return new, consts, xs
+
+
+class CausalWindow:
+  """An operation over a window along time (a convolution, a pooling) whose
+  front padding covers the window's reach, ``(K - 1) * dilation``. State: a
+  ring of the last ``reach`` elements of the front-padded input, indexed by
+  position modulo ``reach`` (Fast WaveNet's queues).
+
+  ``run(ins, padding, dilation)`` binds the operation with ``padding`` and
+  ``dilation`` along time replaced (``ins[0]`` is the windowed input);
+  ``fill(ins)`` is the value the training mode pads with.
+  """
+
+  def __init__(self, e, axis, out_axis, reach, size, dilation, padding,
+               ahead, run, fill):
+    self.axis, self.out_axis = axis, out_axis
+    self.reach, self.size, self.dilation = reach, size, dilation
+    (self.lo, self.hi), self.ahead = padding, ahead
+    self.run, self.fill = run, fill
+    self.in_size = e.in_avals[0].shape[axis]
+    self.out_size = e.out_avals[0].shape[out_axis]
+
+  def converted(self):
+    return Converted([Scanned(self.out_axis, self.ahead)], self.prefill,
+                     self.step, True)
+
+  def prefill(self, ctx, ins):
+    x = ins[0]
+    y = self.run(ins, (self.lo, max(self.hi, 0)), self.dilation)
+    _, n = ctx.block(self.out_size, self.ahead)
+    y = lax.slice_in_dim(y, 0, n, axis=self.out_axis)
+    # the ring: the last `reach` elements of the front-padded input
+    widths = [(0, 0)] * x.ndim
+    widths[self.axis] = (self.lo, 0)
+    padded = jnp.pad(x, widths, constant_values=self.fill(ins))
+    length = padded.shape[self.axis]
+    if length < self.reach:
+      widths[self.axis] = (self.reach - length, 0)
+      padded = jnp.pad(padded, widths, constant_values=self.fill(ins))
+      length = self.reach
+    last = lax.slice_in_dim(padded, length - self.reach, None, axis=self.axis)
+    ring = jnp.roll(last, (length - self.reach) % self.reach, axis=self.axis)
+    return ring, [y]
+
+  def step(self, ctx, ring, ins):
+    x = ins[0]
+    newest = ctx.position + self.ahead + self.reach  # index in padded input
+    if self.hi > 0:  # past the input's end the training mode sees padding
+      x = jnp.where(newest - self.lo >= self.in_size,
+                    jnp.full_like(x, self.fill(ins)), x)
+    taps = []
+    for j in range(self.size - 1, 0, -1):
+      slot = jnp.mod(newest - j * self.dilation, self.reach)
+      taps.append(lax.dynamic_slice_in_dim(ring, slot, 1, self.axis))
+    taps.append(x)
+    window = lax.concatenate(taps, self.axis)
+    ring = lax.dynamic_update_slice_in_dim(
+        ring, x, jnp.mod(newest, self.reach), self.axis)
+    return ring, [self.run([window, *ins[1:]], (0, 0), 1)]

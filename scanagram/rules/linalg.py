@@ -6,13 +6,11 @@ not pair two different positions of the sequence (unless it is attention:
 spatial axis is causal with enough front padding; the step keeps a ring of
 the last (K - 1) * dilation inputs per convolution, as Fast WaveNet does.
 """
-import jax.numpy as jnp
-from jax import lax
 from jax.extend.core import primitives as P
 
-from scanagram.interpreter import Converted, register
-from scanagram.kinds import UNSCANNED, Scanned, is_scanned
-from scanagram.rules.common import DelayLine, pointwise
+from scanagram.interpreter import register
+from scanagram.kinds import UNSCANNED, is_scanned
+from scanagram.rules.common import CausalWindow, pointwise, replaced_at
 
 
 def _dot_out_axis(dims, side, axis, ndims):
@@ -94,63 +92,13 @@ def conv_rule(e):
     if (lo, hi) != (0, 0):
       raise e.refuse("a size-1 kernel with padding along the scanned axis")
     return pointwise(e, [axis, None], [out_axis])
-  return _CausalConv(e, axis, k, out_axis, reach, dilation, size, lo, hi,
-                     ahead).converted()
 
+  def conv(ins, padding, dilation):
+    params = dict(e.params)
+    params["padding"] = replaced_at(params["padding"], k, padding)
+    params["rhs_dilation"] = replaced_at(params["rhs_dilation"], k, dilation)
+    return P.conv_general_dilated_p.bind(*ins, **params)
 
-class _CausalConv:
-  """A convolution along time. State: a ring of the last ``reach`` elements of
-  the front-padded input, indexed by position modulo ``reach``."""
-
-  def __init__(self, e, axis, k, out_axis, reach, dilation, size, lo, hi,
-               ahead):
-    self.e, self.axis, self.k, self.out_axis = e, axis, k, out_axis
-    self.reach, self.dilation, self.size = reach, dilation, size
-    self.lo, self.hi, self.ahead = lo, hi, ahead
-    self.in_size = e.in_avals[0].shape[axis]
-    self.out_size = e.out_avals[0].shape[out_axis]
-
-  def converted(self):
-    return Converted([Scanned(self.out_axis, self.ahead)], self.prefill,
-                     self.step, True)
-
-  def _conv(self, x, w, padding, dilation):
-    params = dict(self.e.params)
-    pad = list(params["padding"])
-    pad[self.k] = padding
-    dil = list(params["rhs_dilation"])
-    dil[self.k] = dilation
-    params.update(padding=tuple(pad), rhs_dilation=tuple(dil))
-    return P.conv_general_dilated_p.bind(x, w, **params)
-
-  def prefill(self, ctx, ins):
-    x, w = ins
-    y = self._conv(x, w, (self.lo, max(self.hi, 0)), self.dilation)
-    _, n = ctx.block(self.out_size, self.ahead)
-    y = lax.slice_in_dim(y, 0, n, axis=self.out_axis)
-    # the ring: the last `reach` elements of the front-padded input
-    widths = [(0, 0)] * x.ndim
-    widths[self.axis] = (self.lo, 0)
-    padded = jnp.pad(x, widths)
-    length = padded.shape[self.axis]
-    if length < self.reach:
-      widths[self.axis] = (self.reach - length, 0)
-      padded, length = jnp.pad(padded, widths), self.reach
-    last = lax.slice_in_dim(padded, length - self.reach, None, axis=self.axis)
-    ring = jnp.roll(last, (length - self.reach) % self.reach, axis=self.axis)
-    return ring, [y]
-
-  def step(self, ctx, ring, ins):
-    x, w = ins
-    newest = ctx.position + self.ahead + self.reach  # index in padded input
-    if self.hi > 0:  # past the input's end the training mode sees padding
-      x = jnp.where(newest - self.lo >= self.in_size, jnp.zeros_like(x), x)
-    taps = []
-    for j in range(self.size - 1, 0, -1):
-      slot = jnp.mod(newest - j * self.dilation, self.reach)
-      taps.append(lax.dynamic_slice_in_dim(ring, slot, 1, self.axis))
-    taps.append(x)
-    window = lax.concatenate(taps, self.axis)
-    ring = lax.dynamic_update_slice_in_dim(
-        ring, x, jnp.mod(newest, self.reach), self.axis)
-    return ring, [self._conv(window, w, (0, 0), 1)]
+  # the training mode pads with zeros
+  return CausalWindow(e, axis, out_axis, reach, size, dilation, (lo, hi),
+                      ahead, conv, lambda ins: 0).converted()
