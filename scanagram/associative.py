@@ -157,28 +157,60 @@ def associative_scan_rule(e):
 def _prefix_recurrence(e, leaves):
   """The scan along time as a recurrence: state ``(prefix, started)``, the
   prefix of the elements so far (size 1 along the axis) and whether there is
-  one (none before the first element, as ``fn`` need have no identity)."""
-  axis = leaves.axis
+  one (none before the first element, as ``fn`` need have no identity).
+
+  The prefix keeps only the leaves that the used outputs need (a linear
+  recurrence's ``h``, not the product of its decays when that is dropped),
+  as a hand-written step would.
+  """
+  axis, n_consts = leaves.axis, e.params["n_consts"]
+  kept = _needed_leaves(e.params["combine"].jaxpr, n_consts, e.outputs_read)
 
   def prefill(ctx, ins):
     queues, consts, xs = leaves.prefill(ctx, ins)
     n = xs[0].shape[axis]
     ys = bind(e.eqn, consts + xs)
     if n:
-      prefix = [lax.slice_in_dim(y, n - 1, n, axis=axis) for y in ys]
+      prefix = [lax.slice_in_dim(ys[i], n - 1, n, axis=axis) for i in kept]
     else:
-      prefix = [jnp.zeros(_size_one(y.shape, axis), y.dtype) for y in ys]
+      prefix = [jnp.zeros(_size_one(ys[i].shape, axis), ys[i].dtype)
+                for i in kept]
     return (prefix, jnp.asarray(n > 0), queues), ys
 
   def step(ctx, state, ins):
     prefix, started, queues = state
     queues, consts, xs = leaves.step(ctx, queues, ins)
-    combined = _combine_fn(e.params["combine"], consts, axis)(prefix, xs)
+    full = [jnp.zeros_like(x) for x in xs]   # leaves no used output reads
+    for i, p in zip(kept, prefix):
+      full[i] = p
+    combined = _combine_fn(e.params["combine"], consts, axis)(full, xs)
     ys = [jnp.where(started, c, x) for c, x in zip(combined, xs)]
-    return (ys, jnp.asarray(True), queues), ys
+    return ([ys[i] for i in kept], jnp.asarray(True), queues), ys
 
   out_kinds = [Scanned(axis, leaves.ahead)] * len(e.out_avals)
   return Converted(out_kinds, prefill, step, True)
+
+
+def _needed_leaves(combine, n_consts, outputs_read):
+  """The prefix leaves the outputs read later depend on, through any number
+  of steps: those outputs, and every left leaf that a needed output of
+  ``combine`` reads."""
+  n = len(outputs_read)
+  left = combine.invars[n_consts:n_consts + n]
+  reads = {v: {i} for i, v in enumerate(left)}
+  for eqn in combine.eqns:
+    read = set().union(*(reads.get(v, set()) for v in eqn.invars
+                         if not isinstance(v, jex_core.Literal)))
+    for v in eqn.outvars:
+      reads[v] = read
+  out_reads = [set() if isinstance(v, jex_core.Literal) else reads.get(v, set())
+               for v in combine.outvars]
+  needed = {i for i, read in enumerate(outputs_read) if read}
+  while True:
+    more = set().union(needed, *(out_reads[i] for i in needed))
+    if more == needed:
+      return sorted(needed)
+    needed = more
 
 
 def _size_one(shape, axis):

@@ -112,8 +112,14 @@ class Eqn:
   """What a rule sees of one equation: its primitive, params, input kinds,
   abstract values, values known at conversion time, and how to refuse."""
 
-  def __init__(self, eqn, in_kinds, known_value, enclosing=(), context=None):
+  def __init__(self, eqn, in_kinds, known_value, enclosing=(), context=None,
+               read=None):
     self.eqn = eqn
+    # whether each output is read later (by an equation or as an output of
+    # the jaxpr); without the information, every one is
+    self.outputs_read = tuple(
+        not isinstance(v, jex_core.DropVar) and (read is None or v in read)
+        for v in eqn.outvars)
     self.context = {} if context is None else context
     self.enclosing = tuple(enclosing)
     self.primitive = eqn.primitive
@@ -166,6 +172,10 @@ class ConvertedJaxpr:
       kinds[v] = k
     self._invar_known = dict(zip(jaxpr.invars, self.in_known))
     self.entries = []
+    self._read = {v for eqn in jaxpr.eqns for v in eqn.invars
+                  if not isinstance(v, jex_core.Literal)}
+    self._read.update(v for v in jaxpr.outvars
+                      if not isinstance(v, jex_core.Literal))
     for index, eqn in enumerate(jaxpr.eqns):
       in_kinds_eqn = [_kind_of(kinds, a) for a in eqn.invars]
       if not any(map(is_scanned_or_history, in_kinds_eqn)):
@@ -202,7 +212,7 @@ class ConvertedJaxpr:
           "a value that depends on the scanned input")
     try:
       converted = rule(Eqn(eqn, in_kinds, self.known_value, self.enclosing,
-                           self.context))
+                           self.context, self._read))
     except ScanConversionError:
       raise
     except Exception as err:  # a rule bug must still name the user's line

@@ -202,3 +202,30 @@ def test_selective_state_space_model_through_to_step():
   for t in range(5, 2 * L):
     carry, y = pair.step(params, carry, ids[:, t])
     assert_trees_close(y, want[:, t], 1e-4)
+
+
+def test_state_keeps_only_the_leaves_the_outputs_need():
+  """A linear recurrence whose decay product is dropped keeps only h, as a
+  hand-written step does; read outputs keep what they depend on."""
+  def state_shapes(fun):
+    fns = scanagram.to_step(fun, X)
+    state, = [v for k, v in fns.carry_spec().items()
+              if k.endswith("associative_scan")]
+    return [leaf.shape for leaf in state[0]]
+
+  assert state_shapes(linear_rnn) == [(1, N)]
+
+  def both(xs):
+    decays, h = scanagram.associative_scan(
+        linear_step, (jnp.full_like(xs, 0.9), xs))
+    return decays + h
+
+  def decays_only(xs):
+    decays, _ = scanagram.associative_scan(
+        linear_step, (jax.nn.sigmoid(xs), xs))
+    return decays
+
+  assert state_shapes(both) == [(1, N), (1, N)]
+  assert state_shapes(decays_only) == [(1, N)]
+  check_scan(both, X, prefill_lengths=[0, 3, L])
+  check_scan(decays_only, X, prefill_lengths=[0, 3, L])
