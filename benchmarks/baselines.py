@@ -8,6 +8,7 @@ so the benchmark compares two implementations of one function:
 * :class:`WaveNetQueues`: Fast WaveNet (Paine et al., 2016): one queue per
   dilated convolution holding its last ``rate`` inputs, read and written at
   ``t % rate`` in place.
+* :class:`LRUStep`: the linear recurrence ``s = a * s + W x`` per layer.
 * :class:`TransformerCache`: a KV-cache decoder step, one key cache and one
   value cache per layer (``[B, H, L, dh]``), written with
   ``lax.dynamic_update_slice`` at the current position; the step and the
@@ -107,6 +108,33 @@ class WaveNetQueues:
       skip = skip + linear(f"skip_{i}", g)
     y = linear("out", jax.nn.relu(skip))
     return {"queues": queues, "t": t + 1}, y
+
+
+# -- Linear recurrent units -----------------------------------------------------
+class LRUStep:
+  """The recurrence of :func:`models.lru` one element at a time: per layer
+  ``s = a * s + W x`` with the state ``[B, state]`` in the carry."""
+
+  def __init__(self, state, layers, batch):
+    self.state, self.layers, self.batch = state, layers, batch
+
+  def init(self, params):
+    del params
+    return [jnp.zeros((self.batch, self.state), jnp.float32)
+            for _ in range(self.layers)]
+
+  def step(self, params, carry, x):
+    def linear(name, v):
+      return v @ params[name]["w"] + params[name]["b"]
+
+    h = linear("embed", x)
+    states = []
+    for i, s in enumerate(carry):
+      decay = jax.nn.sigmoid(params["~"][f"nu_{i}"])
+      s = decay * s + linear(f"in_{i}", h)
+      states.append(s)
+      h = h + linear(f"mix_{i}", jax.nn.gelu(s))
+    return states, linear("head", h)
 
 
 # -- Transformer ---------------------------------------------------------------

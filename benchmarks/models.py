@@ -44,6 +44,32 @@ def wavenet(channels: int, layers: int, out_dim: int) -> hk.Transformed:
   return hk.transform(forward)
 
 
+# -- Linear recurrent units -----------------------------------------------------
+def linear_step(left, right):
+  """Composes two steps of ``h -> a * h + b`` given as ``(a, b)`` pairs."""
+  return left[0] * right[0], right[0] * left[1] + right[1]
+
+
+def lru(width: int, state: int, layers: int, out_dim: int) -> hk.Transformed:
+  """xs: [B, T, D] -> ys: [B, T, out_dim]: residual blocks of a diagonal
+  linear recurrence ``s_t = a * s_{t-1} + W x_t`` (a learned decay per
+  state unit), trained with a parallel scan
+  (``scanagram.associative_scan``), as LRU / S5-style models are."""
+  import scanagram
+
+  def forward(xs):
+    h = hk.Linear(width, name="embed")(xs)
+    for i in range(layers):
+      nu = hk.get_parameter(f"nu_{i}", [state],
+                            init=hk.initializers.RandomUniform(0.5, 3.0))
+      decay = jnp.broadcast_to(jax.nn.sigmoid(nu), h.shape[:2] + (state,))
+      drive = hk.Linear(state, name=f"in_{i}")(h)
+      s = scanagram.associative_scan(linear_step, (decay, drive), axis=1)[1]
+      h = h + hk.Linear(width, name=f"mix_{i}")(jax.nn.gelu(s))
+    return hk.Linear(out_dim, name="head")(h)
+  return hk.transform(forward)
+
+
 # -- Transformer ---------------------------------------------------------------
 def transformer(d_model: int, heads: int, layers: int, length: int,
                 vocab: int) -> hk.Transformed:

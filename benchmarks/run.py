@@ -71,6 +71,8 @@ FULL = dict(
     lstm=dict(input=64, hidden=256, length=256, steps=256),
     wavenet=dict(input=32, channels=64, layers=8, out=64, length=512,
                  steps=256),
+    lru=dict(input=32, width=128, state=256, layers=4, out=64, length=512,
+             steps=256),
     transformer=dict(d_model=256, heads=4, layers=4, length=512, vocab=256,
                      steps=64, naive_tokens=4, generate_repeats=7,
                      latency_positions=(1, 64, 128, 256, 384, 512)),
@@ -80,6 +82,7 @@ SMOKE = dict(
     batch=2, repeats=2, warmup=1, call_repeats=2, calls=4,
     lstm=dict(input=4, hidden=8, length=16, steps=16),
     wavenet=dict(input=3, channels=8, layers=3, out=5, length=16, steps=16),
+    lru=dict(input=3, width=8, state=8, layers=2, out=5, length=16, steps=16),
     transformer=dict(d_model=16, heads=2, layers=2, length=16, vocab=32,
                      steps=8, naive_tokens=2, generate_repeats=2,
                      latency_positions=(1, 8, 16)),
@@ -88,6 +91,7 @@ SMOKE = dict(
 TARGETS = {
     "lstm_step_ratio": ("<=", 1.10),
     "wavenet_step_ratio": ("<=", 1.10),
+    "lru_step_ratio": ("<=", 1.10),
     "transformer_step_ratio": ("<=", 1.10),
     "transformer_carry_bytes_ratio": ("<=", 1.05),
     "transformer_speedup_vs_recompute_T512": (">=", 20.0),
@@ -183,6 +187,20 @@ def bench_lstm(config, results):
                   {"hand_written": base}, pair,
                   config, results)
   return pair, params, xs
+
+
+def bench_lru(config, results):
+  c, b = config["lru"], config["batch"]
+  model = models.lru(c["width"], c["state"], c["layers"], c["out"])
+  xs = jax.random.normal(jax.random.key(1), (b, c["length"], c["input"]))
+  params = model.init(jax.random.key(0), xs)
+  pair = to_step(model, xs, axis=1)
+  base = baselines.LRUStep(c["state"], c["layers"], b)
+  step_comparison("lru", model, params, xs[:, :c["steps"]],
+                  {"hand_written": base}, pair, config, results)
+  results["lru_carry_bytes_ratio"] = (
+      baselines.carry_bytes(pair.carry_spec()) /
+      baselines.carry_bytes(jax.eval_shape(base.init, params)))
 
 
 def bench_wavenet(config, results):
@@ -524,6 +542,8 @@ def main(argv=None):
   bench_lstm(config, results)
   log("wavenet ...")
   bench_wavenet(config, results)
+  log("lru ...")
+  bench_lru(config, results)
   log("transformer ...")
   _, pair, params, tokens, latency = bench_transformer(config, results)
   log("torch ...")

@@ -155,9 +155,9 @@ def associative_scan_rule(e):
 
 
 def _prefix_recurrence(e, leaves):
-  """The scan along time as a recurrence: state ``(prefix, started)``, the
-  prefix of the elements so far (size 1 along the axis) and whether there is
-  one (none before the first element, as ``fn`` need have no identity).
+  """The scan along time as a recurrence: the state is the prefix of the
+  elements so far (size 1 along the axis). The first element has none and
+  is its own prefix (``fn`` need have no identity).
 
   The prefix keeps only the leaves that the used outputs need (a linear
   recurrence's ``h``, not the product of its decays when that is dropped),
@@ -175,17 +175,18 @@ def _prefix_recurrence(e, leaves):
     else:
       prefix = [jnp.zeros(_size_one(ys[i].shape, axis), ys[i].dtype)
                 for i in kept]
-    return (prefix, jnp.asarray(n > 0), queues), ys
+    return (prefix, queues), ys
 
   def step(ctx, state, ins):
-    prefix, started, queues = state
+    prefix, queues = state
     queues, consts, xs = leaves.step(ctx, queues, ins)
+    started = ctx.position + leaves.ahead > 0   # element 0 has no prefix
     full = [jnp.zeros_like(x) for x in xs]   # leaves no used output reads
     for i, p in zip(kept, prefix):
       full[i] = p
     combined = _combine_fn(e.params["combine"], consts, axis)(full, xs)
     ys = [jnp.where(started, c, x) for c, x in zip(combined, xs)]
-    return ([ys[i] for i in kept], jnp.asarray(True), queues), ys
+    return ([ys[i] for i in kept], queues), ys
 
   out_kinds = [Scanned(axis, leaves.ahead)] * len(e.out_avals)
   return Converted(out_kinds, prefill, step, True)
