@@ -15,8 +15,10 @@ per-call figures (``*_call_ratio``) measure one jitted, donated call per
 token from Python.
 
 JSON keys (figure name -> number):
-  lstm_step_ratio, wavenet_step_ratio, transformer_step_ratio: derived /
-    hand-written per-token time (target <= 1.10).
+  lstm_step_ratio, wavenet_step_ratio, lru_step_ratio,
+    transformer_step_ratio: derived / hand-written per-token time (target
+    <= 1.10); lru is a stack of diagonal linear recurrences trained with
+    scanagram.associative_scan.
   transformer_carry_bytes_ratio: derived carry / hand-written cache bytes
     (target <= 1.05).
   transformer_speedup_vs_recompute_T512: naive recomputation (the jitted
