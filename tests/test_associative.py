@@ -229,3 +229,27 @@ def test_state_keeps_only_the_leaves_the_outputs_need():
   assert state_shapes(decays_only) == [(1, N)]
   check_scan(both, X, prefill_lengths=[0, 3, L])
   check_scan(decays_only, X, prefill_lengths=[0, 3, L])
+
+
+def test_converts_under_vmap_inside_the_model():
+  """A per-example layer vmapped over the batch keeps the primitive, with
+  fn's closed-over values batched or not."""
+  xs = random_like(jnp.zeros((L, B, N)), 2)
+
+  def per_example(x, scale):               # x: [L, N]
+    return scanagram.associative_scan(
+        lambda l, r: (l[0] * r[0], r[0] * l[1] * scale + r[1]),
+        (jax.nn.sigmoid(x), x))[1]
+
+  def lax_per_example(x):
+    return lax.associative_scan(linear_step, (jax.nn.sigmoid(x), x))[1]
+
+  want = jax.vmap(lax_per_example, in_axes=1, out_axes=1)(xs)
+  shared = jax.vmap(per_example, in_axes=(1, None), out_axes=1)
+  batched = jax.vmap(per_example, in_axes=(1, 0), out_axes=1)
+  for f in (lambda x: shared(x, 1.0), lambda x: batched(x, jnp.ones(B))):
+    assert_trees_close(f(xs), want)
+    check_scan(f, xs, prefill_lengths=[0, 3, L])
+  grad = jax.grad(lambda x: shared(x, 1.0).sum())(xs)
+  assert_trees_close(grad, jax.grad(lambda x: jax.vmap(
+      lax_per_example, in_axes=1, out_axes=1)(x).sum())(xs))
