@@ -43,6 +43,20 @@ def test_values_and_gradients_equal_torch_ops():
   _close(w.grad, w2.grad)
 
 
+def test_gradcheck_in_float64_with_x64():
+  """torch.autograd.gradcheck (finite differences in float64) agrees with
+  the VJP, for two outputs, when JAX runs with x64 as float64 needs."""
+  f = jax2torch(lambda x, w: (jnp.sin(x) @ w, jnp.sum(jnp.tanh(x) ** 2)))
+  gen = torch.Generator().manual_seed(1)
+  with jax.enable_x64(True):
+    x = torch.randn(3, 4, generator=gen, dtype=torch.float64,
+                    requires_grad=True)
+    w = torch.randn(4, 2, generator=gen, dtype=torch.float64,
+                    requires_grad=True)
+    assert f(x, w)[0].dtype == torch.float64
+    assert torch.autograd.gradcheck(f, (x, w))
+
+
 def test_gradient_of_a_chain_with_torch_ops_and_expanded_gradients():
   # sum().backward() hands on an expanded (stride 0) gradient: made
   # contiguous before it crosses.
