@@ -484,3 +484,31 @@ def test_haiku_conv_lstm_through_stepper_and_export(tmp_path):
   loaded = load_step(path)
   _close(loaded.reset(_t(xs[:, :3])), want[:, :3], 1e-4)
   _close(loaded.run(_t(xs[:, 3:])), want[:, 3:], 1e-4)
+
+
+def test_stateful_model_through_stepper_and_export(tmp_path):
+  """hk.transform_with_state (BatchNorm at inference): the state is passed
+  after the parameters and read, not updated."""
+  import haiku as hk
+  import adapters.haiku as adapters_haiku
+
+  def forward(xs, is_training=False):      # xs: [B, T, D]
+    h = hk.Conv1D(H, kernel_shape=2, padding=hk.pad.causal)(xs)
+    h = hk.BatchNorm(True, True, 0.9)(h, is_training=is_training)
+    return hk.Linear(2)(jnp.tanh(h))
+
+  model = hk.transform_with_state(forward)
+  xs = jax.random.normal(jax.random.key(3), (B, T, D))
+  params, state = model.init(jax.random.key(4), xs, is_training=True)
+  state = jax.tree.map(lambda s: s + 0.5, state)   # not the defaults
+  want, _ = model.apply(params, state, None, xs)
+  pair = adapters_haiku.to_step(model, xs, axis=1, params=params,
+                                state=state)
+  with pytest.raises(TypeError, match="state"):
+    TorchStepper(pair, params)
+  path = str(tmp_path / "stateful.zip")
+  export_step(pair, params, path, state=state, prompt_lengths=(3,))
+  for stepper in (TorchStepper(pair, params, state), load_step(path)):
+    _close(stepper.reset(_t(xs[:, :3])), want[:, :3])
+    _close(stepper(_t(xs[:, 3])), want[:, 3])
+    _close(stepper.run(_t(xs[:, 4:])), want[:, 4:])
