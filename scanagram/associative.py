@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex_core
 
-from scanagram import _jax_internals
+from scanagram import _batching, _jax_internals
 from scanagram._jax_internals import ad, batching, mlir
 from scanagram.interpreter import Converted, bind, register
 from scanagram.kinds import Scanned
@@ -122,33 +122,16 @@ def _jvp(primals, tangents, **params):
 
 
 def _batch(args, dims, *, combine, axis, reverse, n_consts):
-  """vmap keeps the primitive (so that a vmapped model still converts): the
-  batch axis goes first on every operand, ``fn`` is vmapped over it."""
-  size = next(a.shape[d] for a, d in zip(args, dims)
-              if d is not None)
-  consts, leaves = [], []          # a dim of None: not batched
-  for i, (a, d) in enumerate(zip(args, dims)):
-    if i < n_consts:
-      consts.append(a if d is None else jnp.moveaxis(a, d, 0))
-    elif d is None:
-      leaves.append(jnp.broadcast_to(a, (size,) + a.shape))
-    else:
-      leaves.append(jnp.moveaxis(a, d, 0))
-  const_axes = [None if d is None else 0
-                for d in dims[:n_consts]]
-  per_element = jex_core.jaxpr_as_fun(combine)
-  batched = jax.vmap(per_element, in_axes=const_axes + [0] * 2 * len(leaves))
+  """vmap keeps the primitive (a vmapped model still converts): the batch
+  axis goes first on every operand, and ``fn`` is vmapped over it."""
+  consts, const_axes, leaves = _batching.batch_first(args, dims, n_consts)
   elements = [jax.ShapeDtypeStruct(x.shape[:axis + 1] + x.shape[axis + 2:],
                                    x.dtype) for x in leaves]
-  closed = jax.make_jaxpr(batched)(
-      *[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in consts],
-      *elements, *elements)
-  combine = jex_core.ClosedJaxpr(
-      _jax_internals.convert_constvars_jaxpr(closed.jaxpr), ())
-  n_inner = len(closed.consts)
-  outs = associative_scan_p.bind(*closed.consts, *consts, *leaves,
-                                 combine=combine, axis=axis + 1,
-                                 reverse=reverse, n_consts=n_inner + n_consts)
+  inner, combine = _batching.vmapped(combine, const_axes, consts,
+                                     elements + elements)
+  outs = associative_scan_p.bind(*inner, *consts, *leaves, combine=combine,
+                                 axis=axis + 1, reverse=reverse,
+                                 n_consts=len(inner) + n_consts)
   return outs, [0] * len(outs)
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex_core
 
-from scanagram import _jax_internals
+from scanagram import _batching, _jax_internals
 from scanagram._jax_internals import ad, batching, mlir
 from scanagram.interpreter import Converted, register
 from scanagram.kinds import Scanned
@@ -119,10 +119,43 @@ def _jvp(primals, tangents, **params):
   return outs, list(out_tangents)
 
 
-def _batch(args, dims, **params):
-  outs = jax.vmap(functools.partial(_run_body, **params),
-                  in_axes=tuple(dims))(*args)
+def _batch(args, dims, *, body, custom, n_consts, in_tree):
+  """vmap keeps the primitive (a vmapped model still converts): the batch
+  axis goes first on every operand, the body is vmapped over it, and the
+  rule's functions will be (:class:`_Batched`)."""
+  consts, const_axes, leaves = _batching.batch_first(args, dims, n_consts)
+  specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+  inner, body = _batching.vmapped(body, const_axes, consts, specs)
+  outs = custom_scanagram_p.bind(*inner, *consts, *leaves, body=body,
+                                 custom=_Batched(custom, leaves[0].shape[0]),
+                                 n_consts=len(inner) + n_consts,
+                                 in_tree=in_tree)
   return outs, [0] * len(outs)
+
+
+class _Batched:
+  """A custom_scanagram function under vmap: its rule on the batched
+  shapes (batch axis first) is the user's rule on one example, vmapped."""
+
+  def __init__(self, custom, size):
+    self.custom, self.size = custom, size
+    self.__name__ = getattr(custom, "__name__", "the custom_scanagram function")
+    self.with_prefill = custom.with_prefill
+    self.rule = None if custom.rule is None else self._rule
+
+  def _rule(self, axis, xs_shapes):
+    one = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype),
+                       xs_shapes)
+    out = self.custom.rule(axis - 1, one)
+    out_axis = out[0] + 1 if out[0] >= 0 else out[0]
+    if self.with_prefill:
+      _, init_fn, body_fn = out
+      return out_axis, jax.vmap(init_fn), jax.vmap(body_fn)
+    _, body_fn, carry_init = out
+    carry = jax.tree.map(
+        lambda c: jnp.broadcast_to(c, (self.size,) + jnp.shape(c)),
+        carry_init)
+    return out_axis, jax.vmap(body_fn), carry
 
 
 ad.primitive_jvps[custom_scanagram_p] = _jvp
@@ -144,6 +177,9 @@ def custom_scanagram_rule(e):
                    f" or @{name}.def_scanagram_with_prefill")
   leaves = AlignedLeaves(e, n_consts, name, "pass it in xs instead")
   axis, length = leaves.axis, leaves.length
+  if isinstance(custom, _Batched) and axis == 0:
+    raise e.refuse(f"vmap maps {name} over the scanned axis: decorate the "
+                   "function that runs over the whole sequence")
   avals = e.in_avals[n_consts:]
   xs_shapes = jax.tree.unflatten(
       in_tree, [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals])

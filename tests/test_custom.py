@@ -220,3 +220,31 @@ def test_output_axis_differs_from_input_axis_and_inside_jit():
   inits = jax.tree.map(lambda a: jnp.stack([a, a]), init)
   got = jax.vmap(lambda c, xs: lax.scan(step, c, xs)[1])(inits, batch)
   assert_trees_close(got, jnp.cumsum(batch, 1))
+
+
+def test_converts_when_vmapped_inside_the_model():
+  """A per-example custom function vmapped over the batch keeps its rule:
+  the rule sees one example, and its functions are vmapped."""
+  batch = random_like(jnp.zeros((L, 2, D)), 12)              # [T, B, D]
+  check_scan(jax.vmap(linear_attention, in_axes=1, out_axes=1), batch,
+             prefill_lengths=[0, 3, L], tol=1e-4)
+  check_scan(lambda x: jnp.transpose(
+      jax.vmap(cumsum_transposed, in_axes=1)(x), (2, 0, 1)), batch)
+  # a prefill rule, pytrees in and out, time along axis 2 once batched
+  xs = random_like({"a": jnp.zeros((3, 2, L)), "b": jnp.zeros((3, 2, L))},
+                   13)
+  batched = jax.vmap(running_max)
+  fns = scanagram.to_step(batched, xs, in_axes=2, out_axes=2)
+  want = batched(xs)
+  for p in (0, 3, L):
+    carry, out = fns.prefill(jax.tree.map(lambda x: x[..., :p], xs))
+    assert_trees_close(out, jax.tree.map(lambda y: y[..., :p], want))
+    for t in range(p, L):
+      carry, y = fns.step(carry, jax.tree.map(lambda x: x[..., t], xs))
+      assert_trees_close(y, jax.tree.map(lambda y: y[..., t], want))
+
+
+def test_vmapped_over_the_scanned_axis_refused():
+  check_refused(jax.vmap(lambda row: cumsum_transposed(row[None])), X,
+                "custom_scanagram", "vmap maps cumsum_transposed over the "
+                "scanned axis")

@@ -1,0 +1,37 @@
+"""vmap rules that keep a call-like primitive (``custom_scanagram``,
+``associative_scan``) in the jaxpr, so that a model whose layers are
+vmapped over the batch still converts: every operand gets its batch axis
+first, and the primitive's function is vmapped over it."""
+import jax
+import jax.numpy as jnp
+from jax.extend import core as jex_core
+
+from scanagram import _jax_internals
+
+
+def batch_first(args, dims, n_consts):
+  """``(consts, const_axes, leaves)``: the operands with the batch axis
+  first. Unbatched consts stay as they are (their axis is None); unbatched
+  leaves are broadcast, so that every leaf has the batch axis."""
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  consts, leaves = [], []
+  for i, (a, d) in enumerate(zip(args, dims)):
+    if i < n_consts:
+      consts.append(a if d is None else jnp.moveaxis(a, d, 0))
+    elif d is None:
+      leaves.append(jnp.broadcast_to(a, (size,) + a.shape))
+    else:
+      leaves.append(jnp.moveaxis(a, d, 0))
+  return consts, [None if d is None else 0 for d in dims[:n_consts]], leaves
+
+
+def vmapped(closed_jaxpr, const_axes, consts, leaf_specs):
+  """``(new consts, ClosedJaxpr)``: ``closed_jaxpr`` (consts first, then
+  leaves) vmapped over axis 0 of the leaves and of the batched consts; the
+  values it closes over become leading operands, before ``consts``."""
+  fun = jex_core.jaxpr_as_fun(closed_jaxpr)
+  batched = jax.vmap(fun, in_axes=list(const_axes) + [0] * len(leaf_specs))
+  closed = jax.make_jaxpr(batched)(
+      *[jax.ShapeDtypeStruct(c.shape, c.dtype) for c in consts], *leaf_specs)
+  return list(closed.consts), jex_core.ClosedJaxpr(
+      _jax_internals.convert_constvars_jaxpr(closed.jaxpr), ())
