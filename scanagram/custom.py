@@ -4,6 +4,8 @@ blockwise algorithm, a call into a kernel).
 
 The decorated function runs as its body everywhere (eagerly, under ``jit``,
 ``grad`` and ``vmap``); only the conversion to prefill and step uses the rule.
+Under ``vmap`` the primitive stays, so that a vmapped per-example layer still
+converts: the rule is asked about one example and its functions are vmapped.
 It binds one primitive, ``custom_scanagram``, whose operands are the values
 the body closes over followed by the leaves of ``xs``.
 """
