@@ -99,11 +99,11 @@ def _jit_argument(t: torch.Tensor, name: str):
   """``t`` as an argument of a jitted call, sharing its memory.
 
   A CPU tensor goes in as a NumPy view, which jit imports without a copy as
-  it does a DLPack array, but the call then runs about 10% faster than one
-  given an array that ``jax.dlpack.from_dlpack`` made just before it
-  (measured with the transformer of ``benchmarks/run.py``:
-  ``torch_step_ratio``). Tensors NumPy cannot view
-  (bfloat16, other devices) go through DLPack.
+  it does a DLPack array; but a step given an array that
+  ``jax.dlpack.from_dlpack`` made just before it ran 15% slower than one
+  given a JAX array already there, and one given the NumPy view 2% slower
+  (call-by-call A/B with the transformer of ``benchmarks/run.py``). Tensors
+  NumPy cannot view (bfloat16, other devices) go through DLPack.
   """
   t = _plain(t, name)
   if t.device.type == "cpu":
@@ -512,11 +512,11 @@ class TorchStepper:
     if self.position >= self.length:
       raise ValueError(f"the step serves at most L={self.length} positions "
                        f"and {self.position} were used: call reset()")
-    x_jax = self._plain_x_view(x)
-    if x_jax is None:
+    x_in = self._plain_x_view(x)
+    if x_in is None:
       leaves, tree_def, _ = _check_tree("x", x, self._element)
-      x_jax = jax.tree.unflatten(tree_def, leaves)
-    self.carry, y = self._fns.step(self._unscanned, self.carry, x_jax)
+      x_in = jax.tree.unflatten(tree_def, leaves)
+    self.carry, y = self._fns.step(self._unscanned, self.carry, x_in)
     self.position += 1
     if isinstance(y, jax.Array):
       return torch.from_dlpack(y)
