@@ -48,7 +48,9 @@ one-token input, no cache: XLA's cost of a program of one-token products),
 host NumPy array each call / with ``x`` already a JAX array: what importing
 an input per call costs JAX's CPU runtime, as TorchStepper must),
 ``torch_step_ratio_vs_host_input`` (TorchStepper / that host-input JAX
-loop: the adapter's own cost), ``convert_seconds_growth_vs_linear`` (~1
+loop: the adapter's own cost), ``torch_run_ratio_vs_jax_run``
+(TorchStepper.run of 64 steps / the same compiled run called from JAX: ~1
+when a chunk crosses the boundary once), ``convert_seconds_growth_vs_linear`` (~1
 when conversion time grows linearly with depth), the machine's
 ``cpu_count`` and ``load_average_1min``, and ``smoke``.
 """
@@ -462,10 +464,17 @@ def bench_torch(config, results, pair, params, tokens):
       "jax host x": jax_sequence(xs_host),
       "torch": torch_sequence,
   }, calls=calls, repeats=config["call_repeats"], warmup=config["warmup"])
+  # TorchStepper.run against the same compiled run called from JAX: what
+  # the boundary costs a chunk of steps
+  tokens_block = tokens[:, :calls]
   whole = interleaved({
       "calls": (stepper.reset, lambda _: [stepper(x) for x in xs_torch][-1]),
       "run": (stepper.reset, lambda _: stepper.run(xs_block)),
+      "jax run": (lambda: stepper._fns.init(stepper._unscanned),
+                  lambda carry: stepper._fns.run(stepper._unscanned, carry,
+                                                 tokens_block)[1]),
   }, repeats=config["call_repeats"], warmup=config["warmup"])
+  results["torch_run_ratio_vs_jax_run"] = whole["run"] / whole["jax run"]
   results["torch_step_ratio"] = per_call["torch"] / per_call["jax"]
   results["torch_run_speedup"] = whole["calls"] / whole["run"]
   results["jax_host_input_ratio"] = per_call["jax host x"] / per_call["jax"]
@@ -473,8 +482,9 @@ def bench_torch(config, results, pair, params, tokens):
                                                per_call["jax host x"])
   log(f"  torch: {1e3 * per_call['torch']:.2f} ms/call TorchStepper, "
       f"{1e3 * per_call['jax']:.2f} ms/call JAX "
-      f"({1e3 * per_call['jax host x']:.2f} with x from host memory), run "
-      f"{1e3 * whole['run'] / calls:.2f} ms/step")
+      f"({1e3 * per_call['jax host x']:.2f} with x from host memory); run of "
+      f"{calls} steps {1e3 * whole['run']:.1f} ms, the same run from JAX "
+      f"{1e3 * whole['jax run']:.1f} ms")
 
 
 def plot(latency, seconds_by_depth, path):
