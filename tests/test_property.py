@@ -51,6 +51,11 @@ BLOCKS = {
         jnp.swapaxes(x, 0, 1) * 2, 0, 1),
     "attention": attention,
     "additive_attention": additive_attention,
+    "moving_max": lambda x: lax.reduce_window(
+        x, -jnp.inf, lax.max, (3, 1), (1, 1), ((2, 0), (0, 0))),
+    "moving_sum_dilated": lambda x: lax.reduce_window(
+        x, 0., lax.add, (2, 1), (1, 1), ((2, 0), (0, 0)),
+        window_dilation=(2, 1)) / 2,
     "linear_recurrence": linear_recurrence,
     "layernorm": lambda x: (x - x.mean(-1, keepdims=True)) / (
         x.std(-1, keepdims=True) + 1),
@@ -80,6 +85,8 @@ ANTI_CAUSAL = {
     "reverse_scan": lambda x: scanagram.associative_scan(lax.add, x,
                                                          reverse=True),
     "reverse_cumsum": lambda x: jnp.cumsum(x[::-1], 0)[::-1],
+    "future_pool": lambda x: lax.reduce_window(
+        x, 0., lax.add, (3, 1), (1, 1), ((1, 1), (0, 0))),
 }
 
 
