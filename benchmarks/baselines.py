@@ -110,7 +110,7 @@ class WaveNetQueues:
     return {"queues": queues, "t": t + 1}, y
 
 
-# -- Linear recurrent units -----------------------------------------------------
+# -- Linear recurrent units ----------------------------------------------------
 class LRUStep:
   """The recurrence of :func:`models.lru` one element at a time: per layer
   ``s = a * s + W x`` with the state ``[B, state]`` in the carry."""

@@ -44,7 +44,7 @@ def wavenet(channels: int, layers: int, out_dim: int) -> hk.Transformed:
   return hk.transform(forward)
 
 
-# -- Linear recurrent units -----------------------------------------------------
+# -- Linear recurrent units ----------------------------------------------------
 def linear_step(left, right):
   """Composes two steps of ``h -> a * h + b`` given as ``(a, b)`` pairs."""
   return left[0] * right[0], right[0] * left[1] + right[1]

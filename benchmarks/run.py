@@ -50,8 +50,9 @@ an input per call costs JAX's CPU runtime, as TorchStepper must),
 ``torch_step_ratio_vs_host_input`` (TorchStepper / that host-input JAX
 loop: the adapter's own cost), ``torch_run_ratio_vs_jax_run``
 (TorchStepper.run of 64 steps / the same compiled run called from JAX: ~1
-when a chunk crosses the boundary once), ``convert_seconds_growth_vs_linear`` (~1
-when conversion time grows linearly with depth), the machine's
+when a chunk crosses the boundary once),
+``convert_seconds_growth_vs_linear`` (~1 when conversion time grows
+linearly with depth), the machine's
 ``cpu_count`` and ``load_average_1min``, and ``smoke``.
 """
 import argparse

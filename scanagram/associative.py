@@ -11,14 +11,12 @@ is: the step combines the running prefix (its state) with the new element.
 Everywhere else (eagerly, under ``jit``, ``grad`` and ``vmap``) it runs
 ``lax.associative_scan`` itself, with the same arguments and results.
 """
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex_core
 
-from scanagram import _batching, _jax_internals
+from scanagram import _call_primitives, _jax_internals
 from scanagram._jax_internals import ad, batching, mlir
 from scanagram.interpreter import Converted, bind, register
 from scanagram.kinds import Scanned
@@ -113,22 +111,15 @@ def _abstract_eval(*avals, combine, axis, n_consts, **_):
   return avals[n_consts:]
 
 
-def _jvp(primals, tangents, **params):
-  tangents = [ad.instantiate_zeros(t) for t in tangents]
-  outs = associative_scan_p.bind(*primals, **params)
-  _, out_tangents = jax.jvp(functools.partial(_run, **params),
-                            tuple(primals), tuple(tangents))
-  return outs, list(out_tangents)
-
-
 def _batch(args, dims, *, combine, axis, reverse, n_consts):
   """vmap keeps the primitive (a vmapped model still converts): the batch
   axis goes first on every operand, and ``fn`` is vmapped over it."""
-  consts, const_axes, leaves = _batching.batch_first(args, dims, n_consts)
+  consts, const_axes, leaves = _call_primitives.batch_first(args, dims,
+                                                           n_consts)
   elements = [jax.ShapeDtypeStruct(x.shape[:axis + 1] + x.shape[axis + 2:],
                                    x.dtype) for x in leaves]
-  inner, combine = _batching.vmapped(combine, const_axes, consts,
-                                     elements + elements)
+  inner, combine = _call_primitives.vmapped(combine, const_axes, consts,
+                                            elements + elements)
   outs = associative_scan_p.bind(*inner, *consts, *leaves, combine=combine,
                                  axis=axis + 1, reverse=reverse,
                                  n_consts=len(inner) + n_consts)
@@ -137,7 +128,8 @@ def _batch(args, dims, *, combine, axis, reverse, n_consts):
 
 associative_scan_p.def_impl(_run)
 associative_scan_p.def_abstract_eval(_abstract_eval)
-ad.primitive_jvps[associative_scan_p] = _jvp
+ad.primitive_jvps[associative_scan_p] = _call_primitives.jvp_rule(
+    associative_scan_p, _run)
 batching.primitive_batchers[associative_scan_p] = _batch
 mlir.register_lowering(associative_scan_p,
                        mlir.lower_fun(_run, multiple_results=True))

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex_core
 
-from scanagram import _batching, _jax_internals
+from scanagram import _call_primitives, _jax_internals
 from scanagram._jax_internals import ad, batching, mlir
 from scanagram.interpreter import Converted, register
 from scanagram.kinds import Scanned
@@ -113,21 +113,14 @@ custom_scanagram_p.def_impl(_run_body)
 custom_scanagram_p.def_abstract_eval(lambda *_, body, **__: body.out_avals)
 
 
-def _jvp(primals, tangents, **params):
-  tangents = [ad.instantiate_zeros(t) for t in tangents]
-  outs = custom_scanagram_p.bind(*primals, **params)
-  _, out_tangents = jax.jvp(functools.partial(_run_body, **params),
-                            tuple(primals), tuple(tangents))
-  return outs, list(out_tangents)
-
-
 def _batch(args, dims, *, body, custom, n_consts, in_tree):
   """vmap keeps the primitive (a vmapped model still converts): the batch
   axis goes first on every operand, the body is vmapped over it, and the
   rule's functions will be (:class:`_Batched`)."""
-  consts, const_axes, leaves = _batching.batch_first(args, dims, n_consts)
+  consts, const_axes, leaves = _call_primitives.batch_first(args, dims,
+                                                           n_consts)
   specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
-  inner, body = _batching.vmapped(body, const_axes, consts, specs)
+  inner, body = _call_primitives.vmapped(body, const_axes, consts, specs)
   outs = custom_scanagram_p.bind(*inner, *consts, *leaves, body=body,
                                  custom=_Batched(custom, leaves[0].shape[0]),
                                  n_consts=len(inner) + n_consts,
@@ -160,7 +153,8 @@ class _Batched:
     return out_axis, jax.vmap(body_fn), carry
 
 
-ad.primitive_jvps[custom_scanagram_p] = _jvp
+ad.primitive_jvps[custom_scanagram_p] = _call_primitives.jvp_rule(
+    custom_scanagram_p, _run_body)
 batching.primitive_batchers[custom_scanagram_p] = _batch
 mlir.register_lowering(custom_scanagram_p,
                        mlir.lower_fun(_run_body, multiple_results=True))

@@ -1,12 +1,29 @@
-"""vmap rules that keep a call-like primitive (``custom_scanagram``,
-``associative_scan``) in the jaxpr, so that a model whose layers are
-vmapped over the batch still converts: every operand gets its batch axis
-first, and the primitive's function is vmapped over it."""
+"""What the call-like primitives (``custom_scanagram``, ``associative_scan``)
+share: a JVP that differentiates what the primitive runs, and vmap rules
+that keep the primitive in the jaxpr, so that a model whose layers are
+vmapped over the batch still converts (every operand gets its batch axis
+first, and the primitive's function is vmapped over it)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from scanagram import _jax_internals
+from scanagram._jax_internals import ad
+
+
+def jvp_rule(primitive, run):
+  """A JVP rule for ``primitive``: its primal outputs bound as the primitive
+  (so that they still convert), its tangents those of ``run`` (what the
+  primitive computes)."""
+  def jvp(primals, tangents, **params):
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    outs = primitive.bind(*primals, **params)
+    _, out_tangents = jax.jvp(functools.partial(run, **params),
+                              tuple(primals), tuple(tangents))
+    return outs, list(out_tangents)
+  return jvp
 
 
 def batch_first(args, dims, n_consts):
