@@ -10,20 +10,29 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from scanagram import _jax_internals
-from scanagram._jax_internals import ad
+from scanagram._jax_internals import ad, batching, mlir
 
 
-def jvp_rule(primitive, run):
-  """A JVP rule for ``primitive``: its primal outputs bound as the primitive
-  (so that they still convert), its tangents those of ``run`` (what the
-  primitive computes)."""
+def define(primitive, run, abstract_eval, batch):
+  """Gives a call-like ``primitive`` its implementation and lowering
+  (``run(*operands, **params)``, what it computes), its abstract
+  evaluation, its vmap rule ``batch`` and a JVP: the primal outputs bound as
+  the primitive (so that they still convert), the tangents those of
+  ``run``."""
   def jvp(primals, tangents, **params):
     tangents = [ad.instantiate_zeros(t) for t in tangents]
     outs = primitive.bind(*primals, **params)
     _, out_tangents = jax.jvp(functools.partial(run, **params),
                               tuple(primals), tuple(tangents))
     return outs, list(out_tangents)
-  return jvp
+
+  primitive.multiple_results = True
+  primitive.def_impl(run)
+  primitive.def_abstract_eval(abstract_eval)
+  ad.primitive_jvps[primitive] = jvp
+  batching.primitive_batchers[primitive] = batch
+  mlir.register_lowering(primitive,
+                         mlir.lower_fun(run, multiple_results=True))
 
 
 def batch_first(args, dims, n_consts):

@@ -13,8 +13,9 @@ from jax._src.lax.slicing import scatter_sub_p
 from jax._src.interpreters.partial_eval import convert_constvars_jaxpr
 from jax.interpreters import ad, batching, mlir
 
-# custom_scanagram (scanagram/custom.py) defines a primitive: its JVP,
-# batching and lowering rules go in ad, batching and mlir, and the values its
+# custom_scanagram and associative_scan define primitives
+# (scanagram/_call_primitives.py): their JVP, batching and lowering rules go
+# in ad, batching and mlir, and the values its
 # body closes over (possibly tracers) become operands with
 # convert_constvars_jaxpr (jaxpr constvars -> leading invars).
 

@@ -17,7 +17,6 @@ from jax import lax
 from jax.extend import core as jex_core
 
 from scanagram import _call_primitives, _jax_internals
-from scanagram._jax_internals import ad, batching, mlir
 from scanagram.interpreter import Converted, bind, register
 from scanagram.kinds import Scanned
 from scanagram.rules.common import AlignedLeaves, pointwise
@@ -87,7 +86,6 @@ def associative_scan(fn, elems, reverse: bool = False, axis: int = 0):
 
 _jax_internals.exclude_from_user_frames(__file__)  # errors name the caller
 associative_scan_p = jex_core.Primitive("associative_scan")
-associative_scan_p.multiple_results = True
 
 
 def _combine_fn(combine, consts, axis):
@@ -126,13 +124,7 @@ def _batch(args, dims, *, combine, axis, reverse, n_consts):
   return outs, [0] * len(outs)
 
 
-associative_scan_p.def_impl(_run)
-associative_scan_p.def_abstract_eval(_abstract_eval)
-ad.primitive_jvps[associative_scan_p] = _call_primitives.jvp_rule(
-    associative_scan_p, _run)
-batching.primitive_batchers[associative_scan_p] = _batch
-mlir.register_lowering(associative_scan_p,
-                       mlir.lower_fun(_run, multiple_results=True))
+_call_primitives.define(associative_scan_p, _run, _abstract_eval, _batch)
 
 
 @register(associative_scan_p)

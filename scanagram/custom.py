@@ -18,7 +18,6 @@ from jax import lax
 from jax.extend import core as jex_core
 
 from scanagram import _call_primitives, _jax_internals
-from scanagram._jax_internals import ad, batching, mlir
 from scanagram.interpreter import Converted, register
 from scanagram.kinds import Scanned
 from scanagram.rules.common import AlignedLeaves
@@ -102,15 +101,12 @@ class custom_scanagram:  # noqa: N801  (a decorator, named like jax.custom_jvp)
 
 _jax_internals.exclude_from_user_frames(__file__)  # errors name the caller
 custom_scanagram_p = jex_core.Primitive("custom_scanagram")
-custom_scanagram_p.multiple_results = True
 
 
 def _run_body(*args, body, **_):
   return jex_core.jaxpr_as_fun(body)(*args)
 
 
-custom_scanagram_p.def_impl(_run_body)
-custom_scanagram_p.def_abstract_eval(lambda *_, body, **__: body.out_avals)
 
 
 def _batch(args, dims, *, body, custom, n_consts, in_tree):
@@ -153,11 +149,8 @@ class _Batched:
     return out_axis, jax.vmap(body_fn), carry
 
 
-ad.primitive_jvps[custom_scanagram_p] = _call_primitives.jvp_rule(
-    custom_scanagram_p, _run_body)
-batching.primitive_batchers[custom_scanagram_p] = _batch
-mlir.register_lowering(custom_scanagram_p,
-                       mlir.lower_fun(_run_body, multiple_results=True))
+_call_primitives.define(custom_scanagram_p, _run_body,
+                        lambda *_, body, **__: body.out_avals, _batch)
 
 
 @register(custom_scanagram_p)

@@ -11,7 +11,8 @@ from jax.extend.core import primitives as P
 
 from scanagram.interpreter import register
 from scanagram.kinds import UNSCANNED, is_scanned
-from scanagram.rules.common import CausalWindow, pointwise, replaced_at
+from scanagram.rules.common import (CausalWindow, pointwise, replaced_at,
+                                    window_ahead)
 
 # primitive -> number of trailing axes it acts on
 _TRAILING = {
@@ -88,12 +89,7 @@ def reduce_window_rule(e):
   if n != 1 or any(is_scanned(k) and k.axis != axis for k in e.in_kinds):
     raise e.refuse(f"{name} pools several operands along the scanned axis")
   reach = (size - 1) * dilation
-  ahead = kind.ahead + lo - reach
-  if ahead < 0:
-    raise e.refuse(
-        f"{name} pools along the scanned axis {axis} with padding ({lo}, "
-        f"{hi}) and a window reaching {reach} elements: element t would need "
-        f"element t + {-ahead} of the input (causal padding is ({reach}, 0))")
+  ahead = window_ahead(e, "the window", axis, kind.ahead, (lo, hi), reach)
   if reach == 0:
     raise e.refuse(f"{name} pads a one-element window along the scanned axis")
 

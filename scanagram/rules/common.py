@@ -186,6 +186,20 @@ class AlignedLeaves:
     return new, consts, xs
 
 
+def window_ahead(e, what, axis, input_ahead, padding, reach):
+  """How far ahead the output of an operation over a window along time runs
+  (front padding ``lo`` minus the window's ``reach`` back, plus the input's
+  own lead), or refuse when that reads the future."""
+  lo, hi = padding
+  ahead = input_ahead + lo - reach
+  if ahead < 0:
+    raise e.refuse(
+        f"its padding along the scanned axis {axis} is ({lo}, {hi}) but "
+        f"{what} reaches {reach} elements back: element t would need element "
+        f"t + {-ahead} of the input (causal padding is ({reach}, 0))")
+  return ahead
+
+
 class CausalWindow:
   """An operation over a window along time (a convolution, a pooling) whose
   front padding covers the window's reach, ``(K - 1) * dilation``. State: a

@@ -10,7 +10,8 @@ from jax.extend.core import primitives as P
 
 from scanagram.interpreter import register
 from scanagram.kinds import UNSCANNED, is_scanned
-from scanagram.rules.common import CausalWindow, pointwise, replaced_at
+from scanagram.rules.common import (CausalWindow, pointwise, replaced_at,
+                                    window_ahead)
 
 
 def _dot_out_axis(dims, side, axis, ndims):
@@ -82,12 +83,7 @@ def conv_rule(e):
   dilation = e.params["rhs_dilation"][k]
   reach = (size - 1) * dilation
   lo, hi = e.params["padding"][k]
-  ahead = lhs_kind.ahead + lo - reach
-  if ahead < 0:
-    raise e.refuse(
-        f"its padding along the scanned axis {axis} is ({lo}, {hi}) but the "
-        f"kernel reaches {reach} elements: element t would need element "
-        f"t + {-ahead} of the input (causal padding is ({reach}, 0))")
+  ahead = window_ahead(e, "the kernel", axis, lhs_kind.ahead, (lo, hi), reach)
   if reach == 0:
     if (lo, hi) != (0, 0):
       raise e.refuse("a size-1 kernel with padding along the scanned axis")
