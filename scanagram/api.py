@@ -1,6 +1,6 @@
 """The public entry points: ``to_step``, ``as_scan``, ``as_scan_with_prefill``.
 """
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
@@ -10,27 +10,41 @@ from jax.extend import core as jex_core
 
 from scanagram import rules  # noqa: F401  (registers the rules)
 from scanagram.errors import ScanConversionError, refusal
-from scanagram.interpreter import ConvertedJaxpr, Prefill, Step, time_block
-from scanagram.kinds import UNSCANNED, Scanned
+from scanagram.interpreter import (Block, ConvertedJaxpr, DelayLine,
+                                   recording_length_uses, time_block)
+from scanagram.kinds import UNSCANNED, History, Scanned
 from scanagram.rules import attention
-from scanagram.rules.common import DelayLine
 
 Axes = Union[int, None, Sequence[Union[int, None]]]
 
 
 class StepFunctions:
-  """Prefill and step derived from a causal function (see :func:`to_step`).
+  """Functions that advance the state of a causal function (see
+  :func:`to_step`): ``init``, ``prefill``, ``extend``, ``step``.
 
   Attributes:
-    length: L, the length of the example along the scanned axis: the most
-      positions the step can serve.
-    in_axes, out_axes: as given to :func:`to_step`.
+    length: L, the length of the example along the scanned axis.
+    max_length: L when the state needs it (a buffer of the past L positions,
+      a table over L positions): positions >= L cannot be served. None when
+      the state does not depend on L (RNN carries, convolution queues):
+      the functions step on indefinitely.
+    in_axes, out_axes, batch_axes, out_batch_axes: as given to
+      :func:`to_step`.
   """
 
-  def __init__(self, fun, example_args, in_axes, out_axes):
+  def __init__(self, fun, example_args, in_axes, out_axes, batch_axes,
+               out_batch_axes):
     self.fun = fun
-    self.in_axes = _per_arg(in_axes, len(example_args))
+    n = len(example_args)
+    self.in_axes = _per_arg(in_axes, n, "in_axes")
     self.out_axes = out_axes
+    self.batch_axes = (None if batch_axes is None else
+                       _per_arg(batch_axes, n, "batch_axes"))
+    self.out_batch_axes = out_batch_axes
+    self._rows = self.batch_axes is not None
+    if self._rows and out_batch_axes is None:
+      raise ValueError("batch_axes needs out_batch_axes (the outputs' axis "
+                       "of rows)")
     self._scanned_args = [i for i, a in enumerate(self.in_axes)
                           if a is not None]
     if not self._scanned_args:
@@ -40,11 +54,18 @@ class StepFunctions:
     leaves, self._in_tree = jax.tree.flatten(list(example_args))
     self._in_specs = [jax.ShapeDtypeStruct(np.shape(x), _dtype(x))
                       for x in leaves]
-    self._leaf_axes = []
+    self._leaf_axes, self._leaf_rows = [], []
     for i, arg in enumerate(example_args):
-      axis = self.in_axes[i]
       for x in jax.tree.leaves(arg):
+        axis = self.in_axes[i]
+        rows = None if not self._rows else self.batch_axes[i]
         self._leaf_axes.append(None if axis is None else axis % np.ndim(x))
+        self._leaf_rows.append(None if rows is None else rows % np.ndim(x))
+    for spec, axis, rows in zip(self._in_specs, self._leaf_axes,
+                                self._leaf_rows):
+      if axis is not None and axis == rows:
+        raise ValueError(f"an argument (shape {spec.shape}) has its batch "
+                         f"axis {rows} equal to its scanned axis")
     lengths = {spec.shape[a] for spec, a in zip(self._in_specs,
                                                 self._leaf_axes)
                if a is not None}
@@ -53,15 +74,45 @@ class StepFunctions:
                        f"scanned axis; got lengths {sorted(lengths)}")
     self.length = lengths.pop()
     self._out_tree = None
+    if self._rows:
+      self._check_rows_independent()
+    self._convert()
+    self._jit = {}
+    self._carry_spec = None
+    self._max_length = _UNKNOWN
 
-    def flat_fun(*flat):
-      args = jax.tree.unflatten(self._in_tree, flat)
-      out = fun(*args)
+  # -- conversion ------------------------------------------------------------
+  def _flat_fun(self, rows_removed: bool):
+    """``fun`` on flat leaves; with ``rows_removed``, on one row (each leaf
+    without its batch axis, outputs without theirs)."""
+    def flat(*leaves):
+      if rows_removed:
+        leaves = [x if r is None else jnp.expand_dims(x, r)
+                  for x, r in zip(leaves, self._leaf_rows)]
+      out = self.fun(*jax.tree.unflatten(self._in_tree, leaves))
       out_leaves, self._out_tree = jax.tree.flatten(out)
+      if rows_removed:
+        out_leaves = [jnp.squeeze(y, self.out_batch_axes % jnp.ndim(y))
+                      for y in out_leaves]
       return out_leaves
-    closed = jax.make_jaxpr(flat_fun)(*self._in_specs)
+    return flat
+
+  def _row_specs(self):
+    """The example's leaves for one row (batch axes removed)."""
+    return [s if r is None else jax.ShapeDtypeStruct(
+        s.shape[:r] + s.shape[r + 1:], s.dtype)
+        for s, r in zip(self._in_specs, self._leaf_rows)]
+
+  def _convert(self):
+    if self._rows:
+      specs = self._row_specs()
+      self._time_axes = [None if a is None else a - (r is not None and r < a)
+                         for a, r in zip(self._leaf_axes, self._leaf_rows)]
+    else:
+      specs, self._time_axes = self._in_specs, self._leaf_axes
+    closed = jax.make_jaxpr(self._flat_fun(self._rows))(*specs)
     in_kinds = [UNSCANNED if a is None else Scanned(a)
-                for a in self._leaf_axes]
+                for a in self._time_axes]
     self._converted = attention.convert_with_windows(
         lambda context: ConvertedJaxpr(closed.jaxpr, closed.consts, in_kinds,
                                        context=context))
@@ -69,18 +120,45 @@ class StepFunctions:
     self._outputs = [self._output_rule(i, k, v) for i, (k, v) in
                      enumerate(zip(self._converted.out_kinds,
                                    closed.jaxpr.outvars))]
-    self._prefill_jit = jax.jit(self._prefill)
-    self._step_jit = jax.jit(self._step)
-    self._carry_spec = None
 
-  # -- outputs ---------------------------------------------------------------
+  def _check_rows_independent(self):
+    """Refuses a function that mixes its rows: converted with the batch axis
+    as the sequence axis, nothing may keep state or shift along it."""
+    closed = jax.make_jaxpr(self._flat_fun(False))(*self._in_specs)
+    kinds = [UNSCANNED if r is None else Scanned(r) for r in self._leaf_rows]
+    why = (f"with batch_axes={self.batch_axes} every row must be "
+           "independent of the others, and ")
+    context = {}
+    try:
+      converted = ConvertedJaxpr(closed.jaxpr, closed.consts, kinds,
+                                 context=context)
+    except ScanConversionError as err:
+      raise ScanConversionError(
+          f"{why}this operation mixes rows (read 'scanned axis' as the batch "
+          f"axis): {err}") from None
+    for eqn, enclosing in context.get("carries_or_shifts", []):
+      raise refusal(eqn, f"{why}it combines different rows along the batch "
+                    "axis (batch statistics, attention or a scan across "
+                    "rows, a shift along rows)", enclosing)
+    for i, (kind, var) in enumerate(zip(converted.out_kinds,
+                                        closed.jaxpr.outvars)):
+      axis = self.out_batch_axes % max(len(var.aval.shape), 1)
+      if isinstance(kind, History) or not isinstance(kind, Scanned) or (
+          kind.axis != axis):
+        raise self._refuse_output(
+            closed.jaxpr, var,
+            f"{why}output {i} (shape {var.aval.shape}) must have its rows "
+            f"along out_batch_axes={self.out_batch_axes}; its kind along "
+            f"rows is {kind}")
+
   def _output_rule(self, i, kind, var):
     aval = var.aval
-    out_axis = self.out_axes % max(len(aval.shape), 1)
+    out_axis = self._out_time_axis(len(aval.shape))
     if kind is UNSCANNED:
       if len(aval.shape) == 0 or aval.shape[out_axis] != self.length:
         raise self._refuse_output(
-            var, f"output {i} does not depend on the scanned input and has no "
+            self._jaxpr, var,
+            f"output {i} does not depend on the scanned input and has no "
             f"axis {self.out_axes} of length {self.length} to scan over "
             f"(shape {aval.shape})")
       return (out_axis, None)
@@ -95,10 +173,10 @@ class StepFunctions:
         raise refusal(origin, "it pairs every position of one sequence with "
                       "every position of another (an outer product over "
                       f"time) and no causal mask follows it; {why}")
-      raise self._refuse_output(var, f"{why} ({kind})")
+      raise self._refuse_output(self._jaxpr, var, f"{why} ({kind})")
     if kind.axis != out_axis:
       raise self._refuse_output(
-          var,
+          self._jaxpr, var,
           f"output {i} (shape {aval.shape}) runs along its axis {kind.axis}, "
           f"not along out_axes={self.out_axes}: its elements along axis "
           f"{out_axis} are not positions of the sequence (for as_scan the "
@@ -109,105 +187,330 @@ class StepFunctions:
       line = DelayLine(kind.axis, aval.shape[kind.axis], 0, kind.ahead)
     return (kind.axis, line)
 
-  def _refuse_output(self, var, why):
+  def _out_time_axis(self, ndim):
+    """The time axis of an output of the converted (per-row) function."""
+    if not self._rows:
+      return self.out_axes % max(ndim, 1)
+    axis = self.out_axes % (ndim + 1)
+    rows = self.out_batch_axes % (ndim + 1)
+    return axis - (rows < axis)
+
+  @staticmethod
+  def _refuse_output(jaxpr, var, why):
     """A refusal naming the equation that made output ``var`` (and its
     source line), or a plain one when ``fun`` returns an input or a
     constant."""
-    made_by = next((e for e in self._jaxpr.eqns
+    made_by = next((e for e in jaxpr.eqns
                     if any(o is var for o in e.outvars)), None)
     if made_by is None:
       return ScanConversionError(why)
     return refusal(made_by, why)
 
-  # -- the three functions ---------------------------------------------------
-  def init(self, *unscanned_args):
-    """The carry before any element: ``init(*unscanned_args) -> carry``."""
-    args = self._with_empty_prompt(unscanned_args)
-    return self._prefill_jit(*args)[0]
+  # -- the functions ---------------------------------------------------------
+  def init(self, *unscanned_args, batch_size: Optional[int] = None):
+    """The carry before any element: ``init(*unscanned_args) -> carry``.
 
-  def prefill(self, *args):
+    With ``batch_axes``, the number of rows comes from an unscanned argument
+    that has rows, else ``batch_size``, else the example.
+    """
+    n = len(self.in_axes) - len(self._scanned_args)
+    if len(unscanned_args) != n:
+      raise TypeError(f"init takes the {n} unscanned arguments; got "
+                      f"{len(unscanned_args)}")
+    args = self._with_empty_blocks(unscanned_args, batch_size)
+    return self._compiled("prefill", 0, False)(None, *args)[0]
+
+  def prefill(self, *args, lengths=None):
     """Runs the first P elements at once (0 <= P <= L).
 
     Args:
-      *args: ``fun``'s arguments, the scanned ones of length P along their
-        axis.
+      *args: ``fun``'s arguments, the scanned ones with P elements along
+        their axis.
+      lengths: with ``batch_axes``, ``[B]`` ints: row b's prompt is its first
+        ``lengths[b]`` elements (the rest is padding, its outputs are 0).
     Returns:
-      ``(carry, out_prefill)``, ``out_prefill`` being ``fun(xs)[:P]``.
+      ``(carry, outputs)``: ``fun``'s outputs for the P positions.
     """
-    self._check_args(args)
-    return self._prefill_jit(*args)
+    k = self._check_args(args, "prompt")
+    lengths = self._check_lengths(lengths, args, k)
+    self._check_room(None, k, lengths)
+    return self._compiled("prefill", k, lengths is not None)(
+        lengths, *args)
+
+  def extend(self, *args, lengths=None):
+    """``extend(*unscanned, carry, *blocks, lengths=None) -> (carry, ys)``:
+    advances ``carry`` by a block of k >= 1 elements (chunked prefill, the
+    next turn of a chat, k drafted tokens to verify). Arguments are ordered
+    as for :meth:`step`; ``ys`` are the outputs at those k positions, as
+    ``lax.scan`` of :meth:`step` over the block gives them.
+
+    ``lengths`` (with ``batch_axes``): ``[B]`` ints, row b advances by
+    ``lengths[b]`` elements (0 allowed); outputs past them are 0.
+    """
+    carry, args = self._split_carry(args, "extend")
+    self._check_carry(carry)
+    k = self._check_args(args, "block")
+    if k == 0:
+      raise ValueError("extend takes blocks of at least one element")
+    lengths = self._check_lengths(lengths, args, k)
+    self._check_room(carry, k, lengths)
+    return self._compiled("extend", k, lengths is not None)(
+        carry, lengths, *args)
 
   def step(self, *args):
     """``step(*unscanned_args, carry, *elements) -> (carry, y)``: the carry
     goes just before the first scanned argument; each scanned argument is one
     element (its scanned axis removed), and so is ``y``."""
-    k = self._first_scanned
-    if len(args) != len(self.in_axes) + 1:
-      raise TypeError(f"step takes {len(self.in_axes) + 1} arguments (the "
-                      f"carry before argument {k}); got {len(args)}")
-    carry, args = args[k], args[:k] + args[k + 1:]
-    self._check_carry(carry, args)
-    self._check_args(args, element=True)
-    return self._step_jit(carry, *args)
+    carry, args = self._split_carry(args, "step")
+    self._check_carry(carry)
+    self._check_args(args, "element")
+    self._check_room(carry, 1, None)
+    return self._compiled("step", 1, False)(carry, *args)
+
+  def positions(self, carry):
+    """The number of elements the carry has seen: an int32 scalar, or
+    ``[B]`` with ``batch_axes``."""
+    return carry["position"]
+
+  @property
+  def max_length(self) -> Optional[int]:
+    if self._max_length is _UNKNOWN:
+      # trace a step and see whether anything in it reads a length-L array
+      # (None meanwhile: the traced step itself asks)
+      self._max_length = None
+      specs = self._element_specs()
+      with recording_length_uses() as uses:
+        jax.eval_shape(self._step, self.carry_spec(), *specs)
+      self._max_length = self.length if uses else None
+    return self._max_length
 
   # -- implementation --------------------------------------------------------
-  def _prefill(self, *args):
+  def _compiled(self, what, k, ragged):
+    key = (what, k, ragged)
+    if key not in self._jit:
+      if what == "prefill":
+        fn = lambda lengths, *args: self._prefill(lengths, *args)  # noqa: E731
+      elif what == "extend":
+        fn = self._extend
+      else:
+        fn = self._step
+      self._jit[key] = jax.jit(fn)
+    return self._jit[key]
+
+  def _prefill(self, lengths, *args):
+    """Per row (vmapped over rows with batch_axes)."""
     leaves = jax.tree.leaves(list(args))
-    lengths = {np.shape(x)[a] for x, a in zip(leaves, self._leaf_axes)
-               if a is not None}
-    ctx = Prefill(lengths.pop())
-    state, outs = self._converted.prefill(ctx, leaves)
-    out_queues, ys = {}, []
-    for i, (y, (axis, line)) in enumerate(zip(outs, self._outputs)):
-      if line is not None:
-        out_queues[i], y = line.prefill(ctx, y)
-      elif self._converted.out_kinds[i] is UNSCANNED:
-        y = time_block(ctx, y, axis)
-      ys.append(y)
-    if out_queues:
-      state["outputs"] = out_queues
-    carry = dict(state, position=jnp.asarray(ctx.length, jnp.int32))
+    k = self._block_size(leaves)
+    carry, ys = self._per_row(
+        lambda _, count, *leaves: self._run_block(None, leaves, k, count),
+        lengths, leaves)
+    return carry, jax.tree.unflatten(self._out_tree, ys)
+
+  def _extend(self, carry, lengths, *args):
+    leaves = jax.tree.leaves(list(args))
+    k = self._block_size(leaves)
+
+    def run(carry, count, *leaves):
+      if k == 1 or self._converted.blocks:
+        return self._run_block(carry, leaves, k, count)
+      return self._run_steps(carry, leaves, k, count)
+    carry, ys = self._per_row(run, lengths, leaves, carry)
     return carry, jax.tree.unflatten(self._out_tree, ys)
 
   def _step(self, carry, *args):
-    leaves = [x if a is None else jnp.expand_dims(x, a) for x, a in
-              zip(jax.tree.leaves(list(args)), self._leaf_axes)]
-    carry = dict(carry)
-    position = carry.pop("position")
-    out_queues = carry.pop("outputs", {})
-    ctx = Step(position)
-    state, outs = self._converted.step(ctx, carry, leaves)
+    leaves = jax.tree.leaves(list(args))
+
+    def run(carry, count, *leaves):
+      leaves = [x if a is None else jnp.expand_dims(x, a)
+                for x, a in zip(leaves, self._time_axes)]
+      carry, ys = self._run_block(carry, leaves, 1, None)
+      return carry, [jnp.squeeze(y, axis) for y, (axis, _) in
+                     zip(ys, self._outputs)]
+    carry, ys = self._per_row(run, None, leaves, carry, element=True)
+    return carry, jax.tree.unflatten(self._out_tree, ys)
+
+  def _per_row(self, run, lengths, leaves, carry=None, element=False):
+    """``run(carry, count, *leaves)`` on every row (vmapped) with
+    batch_axes, else once. ``carry`` is None for a fresh block."""
+    if not self._rows:
+      return run(carry, None, *leaves)
+    rows = [r if r is None or not element or a is None or r < a else r - 1
+            for r, a in zip(self._leaf_rows, self._leaf_axes)]
+    return jax.vmap(run, in_axes=(None if carry is None else 0,
+                                  None if lengths is None else 0, *rows),
+                    out_axes=(0, self.out_batch_axes))(carry, lengths,
+                                                       *leaves)
+
+  def _run_block(self, carry, leaves, k, count):
+    """One row's block of k elements: ``(carry, outputs)``; a fresh block
+    when ``carry`` is None."""
+    fresh = carry is None
+    if fresh:
+      start, state, queues = 0, None, None
+    else:
+      state = dict(carry)
+      start = state.pop("position")
+      queues = state.pop("outputs", {})
+    ctx = Block(start, k, count, fresh)
+    state, outs = self._converted.advance(ctx, state, list(leaves))
     new_queues, ys = {}, []
     for i, (y, (axis, line)) in enumerate(zip(outs, self._outputs)):
       if line is not None:
-        new_queues[i], y = line.step(out_queues[i], y)
+        new_queues[i], y = line.advance(ctx, None if fresh else queues[i], y)
       elif self._converted.out_kinds[i] is UNSCANNED:
         y = time_block(ctx, y, axis)
-      ys.append(jnp.squeeze(y, axis))
+      ys.append(self._masked(ctx, y, axis))
     if new_queues:
       state["outputs"] = new_queues
-    new_carry = dict(state, position=position + 1)
-    return new_carry, jax.tree.unflatten(self._out_tree, ys)
+    position = jnp.asarray(start + ctx.advanced, jnp.int32)
+    return dict(state, position=position), ys
 
-  def _with_empty_prompt(self, unscanned_args):
-    n = len(self.in_axes) - len(self._scanned_args)
-    if len(unscanned_args) != n:
-      raise TypeError(f"init takes the {n} unscanned arguments; got "
-                      f"{len(unscanned_args)}")
+  def _masked(self, ctx, y, axis):
+    """0 at a row's padded elements; NaN at positions a bounded state cannot
+    serve (>= L), never a plausible number."""
+    k = y.shape[axis]
+    index = jnp.arange(k).reshape([k if d == axis else 1
+                                   for d in range(y.ndim)])
+    if self.max_length is not None and jnp.issubdtype(y.dtype, jnp.inexact):
+      y = jnp.where(ctx.start + index < self.max_length, y,
+                    jnp.full_like(y, jnp.nan))
+    if ctx.count is not None:
+      y = jnp.where(index < ctx.count, y, jnp.zeros_like(y))
+    return y
+
+  def _run_steps(self, carry, leaves, k, count):
+    """A block as k steps (for rules that only run blocks of one)."""
+    moved = [x if a is None else jnp.moveaxis(x, a, 0)
+             for x, a in zip(leaves, self._time_axes)]
+    scanned = [i for i, a in enumerate(self._time_axes) if a is not None]
+
+    def one(carry, i_xs):
+      i, xs = i_xs
+      step_leaves = list(leaves)
+      for j, x in zip(scanned, xs):
+        step_leaves[j] = jnp.expand_dims(x, self._time_axes[j])
+      new, ys = self._run_block(carry, step_leaves, 1, None)
+      if count is not None:
+        keep = i < count
+        new = jax.tree.map(lambda a, b: jnp.where(keep, a, b), new, carry)
+        ys = [jnp.where(keep, y, jnp.zeros_like(y)) for y in ys]
+      return new, ys
+    carry, ys = lax.scan(one, carry, (jnp.arange(k),
+                                      [moved[j] for j in scanned]))
+    # ys: [k, ..., 1 at the time axis, ...] -> the time axis of length k
+    return carry, [jnp.moveaxis(jnp.squeeze(y, axis + 1), 0, axis)
+                   for y, (axis, _) in zip(ys, self._outputs)]
+
+  def _block_size(self, leaves):
+    return next(np.shape(x)[a] for x, a in zip(leaves, self._leaf_axes)
+                if a is not None)
+
+  def _element_specs(self):
+    """ShapeDtypeStructs of the arguments of :meth:`step` after the carry."""
+    specs = []
+    for s, a in zip(self._in_specs, self._leaf_axes):
+      shape = s.shape if a is None else s.shape[:a] + s.shape[a + 1:]
+      specs.append(jax.ShapeDtypeStruct(shape, s.dtype))
+    return jax.tree.unflatten(self._in_tree, specs)
+
+  def _with_empty_blocks(self, unscanned_args, batch_size):
+    """``fun``'s arguments with the given unscanned ones and scanned ones of
+    no elements (with rows, the number of rows)."""
     examples = jax.tree.unflatten(self._in_tree, self._in_specs)
+    rows = self._rows_of_unscanned(unscanned_args, batch_size)
     it = iter(unscanned_args)
     args = []
     for i, axis in enumerate(self.in_axes):
       if axis is None:
         args.append(next(it))
-      else:
-        args.append(jax.tree.map(
-            lambda s, a=axis: jnp.zeros(
-                _with_len(s.shape, a % len(s.shape), 0), s.dtype),
-            examples[i]))
+        continue
+      row_axis = None if not self._rows else self.batch_axes[i]
+
+      def empty(s, a=axis, r=row_axis):
+        shape = list(s.shape)
+        shape[a % len(shape)] = 0
+        if r is not None:
+          shape[r % len(shape)] = rows
+        return jnp.zeros(shape, s.dtype)
+      args.append(jax.tree.map(empty, examples[i]))
     return args
 
-  def _check_args(self, args, element=False):
+  def _rows_of_unscanned(self, unscanned_args, batch_size):
+    if not self._rows:
+      return None
+    unscanned = [i for i, a in enumerate(self.in_axes) if a is None]
+    for i, arg in zip(unscanned, unscanned_args):
+      r = self.batch_axes[i]
+      if r is not None:
+        leaf = jax.tree.leaves(arg)[0]
+        return np.shape(leaf)[r % np.ndim(leaf)]
+    if batch_size is not None:
+      return batch_size
+    spec, r = next((s, r) for s, r in zip(self._in_specs, self._leaf_rows)
+                   if r is not None)
+    return spec.shape[r]
+
+  def _split_carry(self, args, what):
+    k = self._first_scanned
+    if len(args) != len(self.in_axes) + 1:
+      raise TypeError(f"{what} takes {len(self.in_axes) + 1} arguments (the "
+                      f"carry before argument {k}); got {len(args)}")
+    return args[k], args[:k] + args[k + 1:]
+
+  def _check_lengths(self, lengths, args, k):
+    if lengths is None:
+      return None
+    if not self._rows:
+      raise TypeError("lengths needs rows: pass batch_axes (and "
+                      "out_batch_axes) to to_step")
+    rows = self._num_rows(args)
+    if isinstance(lengths, jax.core.Tracer):
+      return lengths
+    lengths = np.asarray(lengths)
+    if lengths.shape != (rows,) or not np.issubdtype(lengths.dtype,
+                                                     np.integer):
+      raise ValueError(f"lengths must be [{rows}] integers (one per row); "
+                       f"got {lengths.dtype} {lengths.shape}")
+    if (lengths < 0).any() or (lengths > k).any():
+      raise ValueError(f"lengths must lie in [0, {k}] (the block has {k} "
+                       f"elements); got {lengths.tolist()}")
+    return jnp.asarray(lengths, jnp.int32)
+
+  def _num_rows(self, args):
+    for x, r in zip(jax.tree.leaves(list(args)), self._leaf_rows):
+      if r is not None:
+        return np.shape(x)[r]
+    return None
+
+  def _check_room(self, carry, k, lengths):
+    """Eagerly, a ValueError before a position >= L (max_length) would be
+    computed; under jit the outputs there are NaN instead."""
+    if self.max_length is None:
+      return
+    if carry is None:
+      start = np.zeros((), np.int64)
+    else:
+      position = carry["position"]
+      if isinstance(position, jax.core.Tracer):
+        return
+      start = np.asarray(position)
+    if lengths is not None and not isinstance(lengths, jax.core.Tracer):
+      end = start + np.asarray(lengths)
+    else:
+      end = start + k
+    if (end > self.max_length).any():
+      row = int(np.argmax(end - self.max_length > 0)) if np.ndim(end) else None
+      at = "" if row is None else f" (row {row})"
+      raise ValueError(
+          f"this call would compute position {int(np.max(end)) - 1}{at}, but "
+          f"the state holds L={self.max_length} positions (positions 0 to "
+          f"{self.max_length - 1}): its buffers or tables have the length of "
+          "the example given to to_step. Convert with a longer example to "
+          "serve longer sequences.")
+
+  def _check_args(self, args, what):
+    """Checks structure, shapes and dtypes of a ``prompt`` (at most L
+    elements), a ``block`` or an ``element``; returns the block size k."""
     if len(args) != len(self.in_axes):
       raise TypeError(f"expected {len(self.in_axes)} arguments, got "
                       f"{len(args)}")
@@ -215,37 +518,51 @@ class StepFunctions:
     if tree != self._in_tree:
       raise TypeError(f"arguments have structure {tree}; expected "
                       f"{self._in_tree}")
-    for path_leaf, spec, axis in zip(
+    ks, rows = set(), set()
+    for (path, x), spec, axis, row in zip(
         jax.tree_util.tree_flatten_with_path(list(args))[0], self._in_specs,
-        self._leaf_axes):
-      path, x = path_leaf
+        self._leaf_axes, self._leaf_rows):
       name = "argument" + jax.tree_util.keystr(path)
-      shape = tuple(np.shape(x))
-      want = spec.shape
-      if axis is not None:
-        if element:
-          want = want[:axis] + want[axis + 1:]
-        elif len(shape) == len(want) and shape[axis] > self.length:
-          raise ValueError(f"{name}: the prompt has {shape[axis]} elements "
-                           f"along axis {axis}, more than L={self.length}")
-        else:
-          want = _with_len(want, axis, shape[axis] if len(shape) == len(
-              want) else -1)
+      shape, want = tuple(np.shape(x)), list(spec.shape)
+      if axis is not None and what == "element":
+        del want[axis]
+        if row is not None and row > axis:
+          row -= 1
+      if len(shape) == len(want):
+        if row is not None:
+          rows.add(shape[row])
+          want[row] = shape[row]
+        if axis is not None and what != "element":
+          ks.add(shape[axis])
+          if shape[axis] > self.length and what == "prompt":
+            # (a longer block on a state that needs no L is fine)
+            raise ValueError(f"{name}: the block has {shape[axis]} elements "
+                             f"along axis {axis}, more than L={self.length}")
+          want[axis] = shape[axis]
       if shape != tuple(want):
         raise ValueError(f"{name}: expected shape {tuple(want)}, got {shape}")
       if jnp.dtype(_dtype(x)) != jnp.dtype(spec.dtype):
         raise TypeError(f"{name}: expected dtype {spec.dtype}, got "
                         f"{_dtype(x)}")
+    if len(ks) > 1:
+      raise ValueError("the scanned arguments must have the same number of "
+                       f"elements along their scanned axes; got {sorted(ks)}")
+    if len(rows) > 1:
+      raise ValueError("the arguments must have the same number of rows "
+                       f"along their batch axes; got {sorted(rows)}")
+    return ks.pop() if ks else 1
 
   def carry_spec(self):
     """The carry's structure, shapes and dtypes (ShapeDtypeStructs)."""
     if self._carry_spec is None:
       examples = jax.tree.unflatten(self._in_tree, self._in_specs)
       unscanned = [a for a, ax in zip(examples, self.in_axes) if ax is None]
-      self._carry_spec = jax.eval_shape(self.init, *unscanned)
+      args = self._with_empty_blocks(unscanned, None)
+      self._carry_spec = jax.eval_shape(
+          lambda *a: self._prefill(None, *a)[0], *args)
     return self._carry_spec
 
-  def _check_carry(self, carry, args):
+  def _check_carry(self, carry):
     spec = self.carry_spec()
     got, want = jax.tree.structure(carry), jax.tree.structure(spec)
     if got != want:
@@ -253,11 +570,15 @@ class StepFunctions:
     for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(carry)[0],
                             jax.tree.leaves(spec)):
       name = "carry" + jax.tree_util.keystr(path)
-      if tuple(np.shape(x)) != s.shape:
-        raise ValueError(f"{name}: expected shape {s.shape}, got "
-                         f"{tuple(np.shape(x))}")
+      shape = tuple(np.shape(x))
+      want = s.shape if not self._rows else shape[:1] + s.shape[1:]
+      if shape != want:
+        raise ValueError(f"{name}: expected shape {want}, got {shape}")
       if jnp.dtype(_dtype(x)) != s.dtype:
         raise TypeError(f"{name}: expected dtype {s.dtype}, got {_dtype(x)}")
+
+
+_UNKNOWN = object()
 
 
 def _find_eqn(jaxpr, eqn_id):
@@ -278,33 +599,28 @@ def _find_eqn(jaxpr, eqn_id):
   return None
 
 
-def _with_len(shape, axis, n):
-  shape = list(shape)
-  shape[axis] = n
-  return tuple(shape)
-
-
 def _dtype(x):
   return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
 
 
-def _per_arg(axes, n):
+def _per_arg(axes, n, name):
   if isinstance(axes, (list, tuple)):
     if len(axes) != n:
-      raise ValueError(f"in_axes has {len(axes)} entries for {n} arguments")
+      raise ValueError(f"{name} has {len(axes)} entries for {n} arguments")
     return tuple(axes)
   return (axes,) * n
 
 
 def to_step(fun: Callable, *example_args, in_axes: Axes = 0,
-            out_axes: int = 0) -> StepFunctions:
-  """Derives prefill and step functions from a causal function.
+            out_axes: int = 0, batch_axes: Axes = None,
+            out_batch_axes: Optional[int] = None) -> StepFunctions:
+  """Derives the functions that advance the state of a causal function.
 
   Args:
     fun: a function causal along the scanned axis of its scanned arguments:
       ``fun(*args)[:t]`` depends only on the first t elements.
     *example_args: arrays or ``jax.ShapeDtypeStruct`` pytrees fixing the
-      structure, shapes, dtypes and the maximum length L.
+      structure, shapes, dtypes and the length L.
     in_axes: like ``jax.vmap``'s: for each argument, the axis it is scanned
       along, or None for an argument that is not scanned (parameters, model
       state). Unscanned arguments are inputs of the derived functions, so one
@@ -312,14 +628,21 @@ def to_step(fun: Callable, *example_args, in_axes: Axes = 0,
     out_axes: the axis along which ``fun``'s outputs run in time (as in
       ``fun``'s own outputs; an output whose time axis is elsewhere is
       refused). A step output has it removed.
+    batch_axes: like ``jax.vmap``'s ``in_axes``: for each argument its axis
+      of independent rows, or None (parameters). With it every row has its
+      own position, and ``prefill``/``extend`` take per-row ``lengths``. A
+      function that mixes rows is refused.
+    out_batch_axes: the outputs' axis of rows (needed with ``batch_axes``).
 
   Returns:
-    A :class:`StepFunctions` with ``init(*unscanned)``, ``prefill(*args)``
-    and ``step(*unscanned, carry, *elements)``.
+    A :class:`StepFunctions` with ``init(*unscanned)``, ``prefill(*args)``,
+    ``extend(*unscanned, carry, *blocks)``, ``step(*unscanned, carry,
+    *elements)`` and ``positions(carry)``.
 
   Raises:
     ScanConversionError: an operation in ``fun`` is not causal along the
-      scanned axis (the message names it and its source line).
+      scanned axis, or (with ``batch_axes``) mixes rows; the message names
+      it and its source line.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -331,8 +654,12 @@ def to_step(fun: Callable, *example_args, in_axes: Axes = 0,
     >>> carry, y = fns.step(jnp.eye(3), carry, jnp.ones(3))
     >>> y.tolist()
     [1.0, 1.0, 1.0]
+    >>> carry, ys = fns.extend(jnp.eye(3), carry, jnp.ones((2, 3)))
+    >>> ys[:, 0].tolist(), int(fns.positions(carry))
+    ([2.0, 3.0], 3)
   """
-  return StepFunctions(fun, example_args, in_axes, out_axes)
+  return StepFunctions(fun, example_args, in_axes, out_axes, batch_axes,
+                       out_batch_axes)
 
 
 def as_scan(fun: Callable, example_xs):

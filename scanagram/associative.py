@@ -19,7 +19,7 @@ from jax.extend import core as jex_core
 from scanagram import _call_primitives, _jax_internals
 from scanagram.interpreter import Converted, bind, register
 from scanagram.kinds import Scanned
-from scanagram.rules.common import AlignedLeaves, pointwise
+from scanagram.rules.common import CallLeaves, last_real, pointwise
 
 
 def associative_scan(fn, elems, reverse: bool = False, axis: int = 0):
@@ -134,7 +134,7 @@ def associative_scan_rule(e):
   pointwise in time. Refused when ``fn`` closes over a value that depends on
   the scanned input."""
   n_consts, axis = e.params["n_consts"], e.params["axis"]
-  leaves = AlignedLeaves(e, n_consts, "associative_scan's fn",
+  leaves = CallLeaves(e, n_consts, "associative_scan's fn",
                          "pass that value in elems instead")
   time, n_out = leaves.axis, len(e.out_avals)
   if time != axis:
@@ -158,30 +158,27 @@ def _prefix_recurrence(e, leaves):
   axis, n_consts = leaves.axis, e.params["n_consts"]
   kept = _needed_leaves(e.params["combine"].jaxpr, n_consts, e.outputs_read)
 
-  def prefill(ctx, ins):
-    queues, consts, xs = leaves.prefill(ctx, ins)
-    n = xs[0].shape[axis]
-    ys = bind(e.eqn, consts + xs)
-    if n:
-      prefix = [lax.slice_in_dim(ys[i], n - 1, n, axis=axis) for i in kept]
-    else:
-      prefix = [jnp.zeros(_size_one(ys[i].shape, axis), ys[i].dtype)
+  def advance(ctx, prefix, ins):
+    consts, xs = leaves.split(ctx, ins)
+    if ctx.fresh:
+      ys = bind(e.eqn, consts + xs)
+      before = [jnp.zeros(_size_one(ys[i].shape, axis), ys[i].dtype)
                 for i in kept]
-    return (prefix, queues), ys
-
-  def step(ctx, state, ins):
-    prefix, queues = state
-    queues, consts, xs = leaves.step(ctx, queues, ins)
-    started = ctx.position + leaves.ahead > 0   # element 0 has no prefix
-    full = [jnp.zeros_like(x) for x in xs]   # leaves no used output reads
-    for i, p in zip(kept, prefix):
-      full[i] = p
-    combined = _combine_fn(e.params["combine"], consts, axis)(full, xs)
-    ys = [jnp.where(started, c, x) for c, x in zip(combined, xs)]
-    return ([ys[i] for i in kept], queues), ys
+    else:   # the running prefix combined with the block's own prefixes
+      before = prefix
+      own = bind(e.eqn, consts + xs) if ctx.size > 1 else xs
+      full = [jnp.zeros_like(x) for x in own]   # leaves no used output reads
+      for i, p in zip(kept, prefix):
+        full[i] = jnp.broadcast_to(p, own[i].shape)
+      combined = _combine_fn(e.params["combine"], consts, axis)(full, own)
+      started = ctx.start + leaves.ahead > 0   # element 0 has no prefix
+      ys = [jnp.where(started, c, x) for c, x in zip(combined, own)]
+    prefix = [last_real(ctx, ys[i], axis, leaves.ahead, b)
+              for i, b in zip(kept, before)]
+    return prefix, ys
 
   out_kinds = [Scanned(axis, leaves.ahead)] * len(e.out_avals)
-  return Converted(out_kinds, prefill, step, True)
+  return Converted(out_kinds, advance, True)
 
 
 def _needed_leaves(combine, n_consts, outputs_read):

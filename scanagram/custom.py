@@ -20,7 +20,7 @@ from jax.extend import core as jex_core
 from scanagram import _call_primitives, _jax_internals
 from scanagram.interpreter import Converted, register
 from scanagram.kinds import Scanned
-from scanagram.rules.common import AlignedLeaves
+from scanagram.rules.common import CallLeaves
 
 
 class custom_scanagram:  # noqa: N801  (a decorator, named like jax.custom_jvp)
@@ -164,7 +164,7 @@ def custom_scanagram_rule(e):
   if custom.rule is None:
     raise e.refuse(f"{name} has no rule: define one with @{name}.def_scanagram"
                    f" or @{name}.def_scanagram_with_prefill")
-  leaves = AlignedLeaves(e, n_consts, name, "pass it in xs instead")
+  leaves = CallLeaves(e, n_consts, name, "pass it in xs instead")
   axis, length = leaves.axis, leaves.length
   if isinstance(custom, _Batched) and axis == 0:
     raise e.refuse(f"vmap maps {name} over the scanned axis: decorate the "
@@ -178,31 +178,46 @@ def custom_scanagram_rule(e):
     out_axis, body_fn, carry_init = custom.rule(axis, xs_shapes)
   out_axes = [out_axis % max(a.ndim, 1) for a in e.out_avals]
 
-  def prefill(ctx, ins):
-    queues, _, xs = leaves.prefill(ctx, ins)
-    if custom.with_prefill:
-      carry, out = init_fn(jax.tree.unflatten(in_tree, xs))
-      ys = jax.tree.leaves(out)
-    else:
-      carry = jax.tree.map(jnp.asarray, carry_init)
-      moved = [jnp.moveaxis(x, axis, 0) for x in xs]
-      carry, ys = lax.scan(
-          lambda c, x: body_fn(c, jax.tree.unflatten(in_tree, x)), carry,
-          moved, length=ctx.block(length, leaves.ahead)[1])
-      ys = [jnp.moveaxis(y, 0, a)
-            for y, a in zip(jax.tree.leaves(ys), out_axes)]
-    return (carry, queues), _check_outs(e, name, ys)
+  def run_steps(ctx, carry, xs):
+    """The user's body over the block's elements (the carry stops after the
+    real ones)."""
+    moved = [jnp.moveaxis(x, axis, 0) for x in xs]
+    n = moved[0].shape[0]
+    real = ctx.real(length, leaves.ahead)
 
-  def step(ctx, state, ins):
-    carry, queues = state
-    new_queues, _, xs = leaves.step(ctx, queues, ins)
-    x = jax.tree.unflatten(in_tree, [jnp.squeeze(x, axis) for x in xs])
-    carry, y = body_fn(carry, x)
-    ys = [jnp.expand_dims(y, a)
-          for y, a in zip(jax.tree.leaves(y), out_axes)]
-    return (carry, new_queues), _check_outs(e, name, ys)
-  return Converted([Scanned(a, leaves.ahead) for a in out_axes], prefill,
-                   step, True)
+    def body(c, i_x):
+      i, x = i_x
+      new, y = body_fn(c, jax.tree.unflatten(in_tree, x))
+      if not isinstance(real, int):
+        new = jax.tree.map(lambda a, b: jnp.where(i < real, a, b), new, c)
+      return new, y
+    carry, ys = lax.scan(body, carry, (jnp.arange(n), moved), length=n)
+    return carry, [jnp.moveaxis(y, 0, a)
+                   for y, a in zip(jax.tree.leaves(ys), out_axes)]
+
+  def advance(ctx, carry, ins):
+    _, xs = leaves.split(ctx, ins)
+    if ctx.fresh and custom.with_prefill and ctx.count is None:
+      carry, out = init_fn(jax.tree.unflatten(in_tree, xs))
+      return carry, _check_outs(e, name, jax.tree.leaves(out))
+    if ctx.fresh and custom.with_prefill:   # the user's prefill of nothing
+      empty = [lax.slice_in_dim(x, 0, 0, axis=axis) for x in xs]
+      carry, _ = init_fn(jax.tree.unflatten(in_tree, empty))
+    elif ctx.fresh:
+      carry = jax.tree.map(jnp.asarray, carry_init)
+    if ctx.is_step:
+      x = jax.tree.unflatten(in_tree, [jnp.squeeze(x, axis) for x in xs])
+      new, y = body_fn(carry, x)
+      if ctx.count is not None:
+        new = jax.tree.map(lambda a, b: jnp.where(ctx.count > 0, a, b), new,
+                           carry)
+      ys = [jnp.expand_dims(y, a)
+            for y, a in zip(jax.tree.leaves(y), out_axes)]
+      return new, _check_outs(e, name, ys)
+    carry, ys = run_steps(ctx, carry, xs)
+    return carry, _check_outs(e, name, ys)
+  return Converted([Scanned(a, leaves.ahead) for a in out_axes], advance,
+                   True)
 
 
 def _check_outs(e, name, ys):

@@ -1,20 +1,23 @@
-"""The interpreter: converts a jaxpr, equation by equation, into prefill and step.
+"""The interpreter: converts a jaxpr, equation by equation, into one block mode.
 
 It knows no particular primitive. At conversion time it gives every variable a
 kind (:mod:`scanagram.kinds`) and asks the rule registered for each equation's
-primitive (``RULES``) how to run that equation in the two modes:
+primitive (``RULES``) how to run that equation on a :class:`Block`: advance
+the state by k elements from the current position. Prefill is a block from
+the empty state, a step a block of one.
 
-* prefill (``Prefill(P)``): the prompt's first P elements at once; returns the
-  state each stateful equation needs to continue, and the outputs so far;
-* step (``Step(t)``): one element at position t, the time axis kept at size 1;
-  takes and returns that state.
-
-Equations whose inputs are all unscanned run unchanged in both modes.
+The interpreter owns what every rule would otherwise repeat: operands that
+run ahead by different amounts are delayed to the least (``DelayLine``), so a
+rule sees one ``ahead``. Equations whose inputs are all unscanned run
+unchanged.
 """
+import contextlib
+import contextvars
 import dataclasses
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
@@ -29,56 +32,144 @@ _MAX_KNOWN_ELEMENTS = 1 << 24
 
 
 @dataclasses.dataclass(frozen=True)
-class Prefill:
-  """Prefill mode: the first ``length`` elements of the sequence at once."""
-  length: int
-  is_step = False
+class Block:
+  """The mode: advance the state by ``size`` elements from ``start``.
 
-  def block(self, size: int, ahead: int):
-    """(start, n) of the elements of a value with ``size`` elements along time,
-    running ``ahead``, that this mode computes."""
-    return 0, max(0, min(self.length + ahead, size))
+  Attributes:
+    start: the position of the block's first element (int32 scalar; 0 when
+      ``fresh``). With rows, each row's own (the block runs under vmap).
+    size: k, static. A scanned value running ``ahead`` holds its elements
+      ``start + ahead .. start + ahead + k - 1`` (see :meth:`span`).
+    count: None when all k elements are real; else an int32 scalar in
+      ``[0, k]``: only the first ``count`` are (a right-padded row), and the
+      state advances by ``count``.
+    fresh: the state before the block is the empty one: rules make their
+      initial state (they get ``state=None``), and values running ahead hold
+      their leading elements too (those depend on no input).
+  """
+  start: Any
+  size: int
+  count: Any = None
+  fresh: bool = False
+
+  def span(self, size: int, ahead: int):
+    """``(first, n)``: the elements a value with ``size`` elements along time,
+    running ``ahead``, holds in this block."""
+    if self.fresh:
+      return 0, max(0, min(self.size + ahead, size))
+    return self.start + ahead, self.size
+
+  def real(self, size: int, ahead: int):
+    """How many of the elements in :meth:`span` are real: the state after
+    the block has consumed exactly these."""
+    _, n = self.span(size, ahead)
+    if self.count is None:
+      return n
+    if self.fresh:
+      return jnp.minimum(self.count + ahead, n)
+    return self.count
+
+  @property
+  def advanced(self):
+    """How far the position moves."""
+    return self.size if self.count is None else self.count
+
+  @property
+  def is_step(self) -> bool:
+    return self.size == 1 and not self.fresh
 
 
-@dataclasses.dataclass(frozen=True)
-class Step:
-  """Step mode: the element at ``position`` (a traced int32 scalar)."""
-  position: Any
-  is_step = True
-
-  def block(self, size: int, ahead: int):
-    return self.position + ahead, 1
+# -- what the state needs of the example length L ----------------------------
+_LENGTH_USES = contextvars.ContextVar("length_uses", default=None)
 
 
-def time_block(ctx, x, axis: int, ahead: int = 0):
-  """The part of an unscanned array ``x`` along ``axis`` that lines up with
-  the elements of a scanned value running ``ahead`` in mode ``ctx``."""
-  start, n = ctx.block(x.shape[axis], ahead)
-  if ctx.is_step:
-    return lax.dynamic_slice_in_dim(x, start, 1, axis)
-  return lax.slice_in_dim(x, 0, n, axis=axis)
+def needs_length(why: str):
+  """Records, while a block is traced, that it reads something of length L
+  (a buffer, a position table): such a state cannot serve positions >= L."""
+  uses = _LENGTH_USES.get()
+  if uses is not None:
+    uses.append(why)
+
+
+@contextlib.contextmanager
+def recording_length_uses():
+  uses = []
+  token = _LENGTH_USES.set(uses)
+  try:
+    yield uses
+  finally:
+    _LENGTH_USES.reset(token)
+
+
+def time_block(ctx: Block, x, axis: int, ahead: int = 0):
+  """The part of an unscanned array ``x`` along ``axis`` (a full-length
+  position table, mask or bias) that lines up with the elements a scanned
+  value running ``ahead`` holds in block ``ctx``. Elements past the end are
+  clamped to the last one; such positions are past L, whose outputs the
+  caller turns to NaN."""
+  size = x.shape[axis]
+  needs_length(f"an unscanned array of length {size} along time")
+  first, n = ctx.span(size, ahead)
+  if ctx.fresh:
+    return lax.slice_in_dim(x, 0, n, axis=axis)
+  if n == 1:
+    return lax.dynamic_slice_in_dim(x, first, 1, axis)
+  # dynamic_slice would shift the whole block back at the end
+  return jnp.take(x, jnp.clip(first + jnp.arange(n), 0, size - 1), axis=axis)
+
+
+class DelayLine:
+  """Delays a scanned value by ``delay`` elements (from ``ahead + delay`` down
+  to ``ahead``): its state is the ``delay`` elements computed but not yet
+  due."""
+
+  def __init__(self, axis: int, size: int, ahead: int, delay: int):
+    self.axis, self.size, self.ahead, self.delay = axis, size, ahead, delay
+
+  def advance(self, ctx: Block, queue, x):
+    """``(queue, due)``: ``due`` holds the elements of ``ahead``'s span."""
+    if ctx.fresh:
+      # x holds elements 0 .. n_in - 1 (n_in <= k + ahead + delay)
+      _, n = ctx.span(self.size, self.ahead)
+      joined, start = x, 0
+    else:
+      joined = lax.concatenate([queue, x], self.axis)
+      n, start = ctx.size, 0
+    due = lax.slice_in_dim(joined, 0, n, axis=self.axis)
+    consumed = ctx.real(self.size, self.ahead)
+    missing = self.delay + n - joined.shape[self.axis]
+    if missing > 0:  # past the end of the sequence: never reaches an output
+      widths = [(0, 0)] * joined.ndim
+      widths[self.axis] = (0, missing)
+      joined = jnp.pad(joined, widths)
+    if isinstance(consumed, int):
+      queue = lax.slice_in_dim(joined, start + consumed,
+                               start + consumed + self.delay, axis=self.axis)
+    else:
+      queue = lax.dynamic_slice_in_dim(joined, consumed, self.delay,
+                                       self.axis)
+    return queue, due
 
 
 class Converted(NamedTuple):
-  """What a rule returns: the output kinds and how to run in each mode.
+  """What a rule returns: the output kinds and how to run a block.
 
-  ``prefill(ctx, invals) -> (state, outvals)`` and
-  ``step(ctx, state, invals) -> (state, outvals)``; ``state`` is ``None`` for
-  stateless equations.
+  ``advance(ctx, state, invals) -> (state, outvals)``; ``state`` is None when
+  ``ctx.fresh`` (the rule makes its initial state) and for stateless
+  equations. ``blocks=False``: the rule runs only fresh blocks and blocks of
+  one; longer blocks on an existing state then run as a scan of steps.
   """
   out_kinds: Sequence[Any]
-  prefill: Callable
-  step: Callable
+  advance: Callable
   stateful: bool
+  blocks: bool = True
 
 
 def stateless(out_kinds, apply) -> Converted:
   """A Converted for an equation that needs no state: ``apply(ctx, invals)``."""
-  return Converted(
-      tuple(out_kinds),
-      lambda ctx, ins: (None, apply(ctx, ins)),
-      lambda ctx, state, ins: (state, apply(ctx, ins)),
-      stateful=False)
+  return Converted(tuple(out_kinds),
+                   lambda ctx, state, ins: (state, apply(ctx, ins)),
+                   stateful=False)
 
 
 def bind(eqn, invals, params=None):
@@ -90,22 +181,53 @@ def bind(eqn, invals, params=None):
 
 RULES: dict = {}
 HISTORY_RULES: dict = {}  # for equations with a History input (attention)
+_UNALIGNED: set = set()   # rules that line up their operands themselves
 
 
-def register(*primitives, history: bool = False):
+def register(*primitives, history: bool = False, aligned: bool = True):
   """Registers the decorated function as the rule for ``primitives``
   (with ``history=True``: for equations that have a History input).
 
   A rule takes an :class:`Eqn` and returns a :class:`Converted`, or raises
   ``eqn.refuse(why)`` when the primitive is not causal the way it is used.
+  With ``aligned`` (the default) the interpreter first delays operands that
+  run ahead to the least-ahead one, so the rule sees one ``ahead``.
   """
   table = HISTORY_RULES if history else RULES
 
   def decorate(rule):
     for p in primitives:
       table[p] = rule
+    if not aligned:
+      _UNALIGNED.add(rule)
     return rule
   return decorate
+
+
+def _aligned(rule, e: "Eqn"):
+  """Runs ``rule`` on ``e`` with its operands delayed to one ``ahead``; the
+  delay lines' queues join the equation's state."""
+  aheads = [k.ahead for k in e.in_kinds if k is not UNSCANNED]
+  least = min(aheads)
+  if rule in _UNALIGNED or len(set(aheads)) == 1:
+    return rule(e)
+  lines = {i: DelayLine(k.axis, e.in_avals[i].shape[k.axis], least,
+                        k.ahead - least)
+           for i, k in enumerate(e.in_kinds)
+           if k is not UNSCANNED and k.ahead > least}
+  e.in_kinds = tuple(
+      k if i not in lines else dataclasses.replace(k, ahead=least)
+      for i, k in enumerate(e.in_kinds))
+  converted = rule(e)
+
+  def advance(ctx, state, ins):
+    queues, inner = state if state is not None else ({}, None)
+    ins, new = list(ins), {}
+    for i, line in lines.items():
+      new[i], ins[i] = line.advance(ctx, queues.get(i), ins[i])
+    inner, outs = converted.advance(ctx, inner, ins)
+    return (new, inner), outs
+  return converted._replace(advance=advance, stateful=True)
 
 
 class Eqn:
@@ -148,8 +270,8 @@ class Eqn:
 
 
 class ConvertedJaxpr:
-  """A jaxpr converted for given input kinds: ``out_kinds``, ``prefill`` and
-  ``step``. Its state is a dict from equation names to each stateful
+  """A jaxpr converted for given input kinds: ``out_kinds`` and ``advance``.
+  Its state is a dict from equation names to each stateful
   equation's state, in program order."""
 
   def __init__(self, jaxpr, consts, in_kinds, in_known=None, enclosing=(),
@@ -188,6 +310,12 @@ class ConvertedJaxpr:
         out_kinds = converted.out_kinds
         name = f"{index}_{eqn.primitive.name}" if converted.stateful else None
         self.entries.append((eqn, converted, name))
+        # what keeps state or shifts the sequence, innermost first (the
+        # batch-axes check refuses both along rows)
+        if converted.stateful or any(
+            getattr(k, "ahead", 0) for k in out_kinds):
+          self.context.setdefault("carries_or_shifts", []).append(
+              (eqn, self.enclosing))
       for v, k in zip(eqn.outvars, out_kinds):
         kinds[v] = k
     self.kinds = kinds
@@ -211,8 +339,9 @@ class ConvertedJaxpr:
           eqn, f"scanagram has no rule for `{eqn.primitive.name}` applied to "
           "a value that depends on the scanned input")
     try:
-      converted = rule(Eqn(eqn, in_kinds, self.known_value, self.enclosing,
-                           self.context, self._read))
+      converted = _aligned(rule, Eqn(eqn, in_kinds, self.known_value,
+                                     self.enclosing, self.context,
+                                     self._read))
     except ScanConversionError:
       raise
     except Exception as err:  # a rule bug must still name the user's line
@@ -261,29 +390,18 @@ class ConvertedJaxpr:
     return self._known[var]
 
   # -- running ---------------------------------------------------------------
-  def prefill(self, ctx: Prefill, invals):
-    env = self._start_env(invals)
-    state = {}
-    for eqn, converted, name in self.entries:
-      ins = [_read(env, a) for a in eqn.invars]
-      if converted is None:
-        outs = bind(eqn, ins)
-      else:
-        s, outs = converted.prefill(ctx, ins)
-        if name is not None:
-          state[name] = s
-      _write(env, eqn.outvars, outs)
-    return state, [_read(env, v) for v in self.jaxpr.outvars]
-
-  def step(self, ctx: Step, state, invals):
-    env = self._start_env(invals)
+  def advance(self, ctx: Block, state, invals):
+    """``(state, outvals)`` after block ``ctx``; ``state`` is None when
+    ``ctx.fresh``."""
+    env = dict(zip(self.jaxpr.constvars, self.consts))
+    env.update(zip(self.jaxpr.invars, invals))
     state, new_state = state or {}, {}
     for eqn, converted, name in self.entries:
       ins = [_read(env, a) for a in eqn.invars]
       if converted is None:
         outs = bind(eqn, ins)
       else:
-        s, outs = converted.step(ctx, state.get(name), ins)
+        s, outs = converted.advance(ctx, state.get(name), ins)
         if name is not None:
           new_state[name] = s
       _write(env, eqn.outvars, outs)
@@ -293,10 +411,10 @@ class ConvertedJaxpr:
   def stateful(self) -> bool:
     return any(name is not None for _, _, name in self.entries)
 
-  def _start_env(self, invals):
-    env = dict(zip(self.jaxpr.constvars, self.consts))
-    env.update(zip(self.jaxpr.invars, invals))
-    return env
+  @property
+  def blocks(self) -> bool:
+    """Whether every equation runs blocks longer than one on a state."""
+    return all(c is None or c.blocks for _, c, _ in self.entries)
 
 
 def is_scanned_or_history(kind) -> bool:
@@ -326,7 +444,7 @@ def _write(env, outvars, values):
 
 
 __all__ = [
-    "Prefill", "Step", "time_block", "Converted", "stateless", "bind",
+    "Block", "DelayLine", "needs_length", "time_block", "Converted", "stateless", "bind",
     "RULES", "register", "Eqn", "ConvertedJaxpr", "Scanned", "UNSCANNED",
     "is_scanned",
 ]

@@ -35,7 +35,7 @@ def _tol(dtype):
   dtype = jnp.dtype(dtype)
   if dtype in (jnp.bfloat16, jnp.float16):
     return 2e-2
-  if jnp.issubdtype(dtype, jnp.floating):
+  if jnp.issubdtype(dtype, jnp.inexact):
     return 2e-5
   return 0
 
@@ -49,23 +49,62 @@ def assert_trees_close(got, want, tol=None):
 
 
 def check_scan(fun, xs, prefill_lengths=None, tol=None):
-  """``lax.scan(step, init, xs)`` equals ``fun(xs)``, also after a prefill of
-  every length in ``prefill_lengths`` (default: 0, 1, L // 2, L)."""
+  """One ``scanagram.to_step(fun, xs)`` (time axis 0 of ``xs`` and of the
+  outputs) meets the contract:
+
+  * ``lax.scan(step, init, xs)`` equals ``fun(xs)``;
+  * after a prefill of every length p in ``prefill_lengths`` (default: 0, 1,
+    L // 2, L) the prefill's outputs equal ``fun(xs)[:p]``, its position is p,
+    and stepping the rest equals ``fun(xs)[p:]``;
+  * from that prefill, ``extend`` by blocks of 1, 2, 5 elements and then the
+    rest (each clipped at L) gives, block by block, ``fun(xs)`` at those
+    positions, and ends at position L with the carry ``lax.scan`` of the step
+    ends with.
+
+  The same converted functions serve every p, so each block size compiles
+  once per call. Returns ``(step, init)`` as ``scanagram.as_scan`` does.
+  """
+  def part(tree, start, stop):
+    return jax.tree.map(lambda x: x[start:stop], tree)
+
+  def blocks(start, stop):
+    """(start, k) pairs: sizes 1, 2, 5, then the rest, clipped at stop."""
+    out = []
+    for k in (1, 2, 5, None):
+      if start >= stop:
+        break
+      k = stop - start if k is None else min(k, stop - start)
+      out.append((start, k))
+      start += k
+    return out
+
   length = jax.tree.leaves(xs)[0].shape[0]
   want = fun(xs)
-  step, init = scanagram.as_scan(fun, xs)
-  got = lax.scan(step, init, xs)[1]
+  fns = scanagram.to_step(fun, xs)
+  step, init = fns.step, fns.init()
+  assert int(fns.positions(init)) == 0
+  end, got = lax.scan(step, init, xs)
   assert_trees_close(got, want, tol)
+  assert int(fns.positions(end)) == length
   if prefill_lengths is None:
     prefill_lengths = sorted({0, 1, length // 2, length})
   for p in prefill_lengths:
-    prompt = jax.tree.map(lambda x: x[:p], xs)
-    rest = jax.tree.map(lambda x: x[p:], xs)
-    step, carry, out_prefill = scanagram.as_scan_with_prefill(fun, xs, prompt)
-    assert_trees_close(out_prefill, jax.tree.map(lambda y: y[:p], want), tol)
-    if p < length:
-      got = lax.scan(step, carry, rest)[1]
-      assert_trees_close(got, jax.tree.map(lambda y: y[p:], want), tol)
+    carry, out_prefill = fns.prefill(part(xs, 0, p))
+    assert_trees_close(out_prefill, part(want, 0, p), tol)
+    assert int(fns.positions(carry)) == p
+    if p == length:
+      continue
+    end, got = lax.scan(step, carry, part(xs, p, length))
+    assert_trees_close(got, part(want, p, length), tol)
+    for start, k in blocks(p, length):
+      carry, ys = fns.extend(carry, part(xs, start, start + k))
+      try:
+        assert_trees_close(ys, part(want, start, start + k), tol)
+        assert int(fns.positions(carry)) == start + k
+      except AssertionError as e:
+        raise AssertionError(f"extend by {k} at position {start} (after a "
+                             f"prefill of {p}): {e}") from None
+    assert_trees_close(carry, end, tol)
   return step, init
 
 

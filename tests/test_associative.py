@@ -211,7 +211,7 @@ def test_state_keeps_only_the_leaves_the_outputs_need():
     fns = scanagram.to_step(fun, X)
     state, = [v for k, v in fns.carry_spec().items()
               if k.endswith("associative_scan")]
-    return [leaf.shape for leaf in state[0]]
+    return [leaf.shape for leaf in state]
 
   assert state_shapes(linear_rnn) == [(1, N)]
 

@@ -34,11 +34,11 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 from scanagram.errors import ScanConversionError
-from scanagram.interpreter import Converted, bind, register
+from scanagram.interpreter import Converted, bind, needs_length, register
 from scanagram.kinds import (EXACT, LOW, NEG, TAINTED, UNSCANNED, History,
                              Scanned, is_scanned)
 from scanagram.rules import calls, elementwise, structural
-from scanagram.rules.common import DelayLine, pointwise, with_size
+from scanagram.rules.common import pointwise, with_size
 from scanagram.rules.linalg import _dot_out_axis
 
 NEG_THRESHOLD = -1e4
@@ -79,57 +79,93 @@ class Buffer:
   def layout(self, x):
     return x if self.perm is None else jnp.transpose(x, self.perm)
 
-  def prefill(self, x):
+  def advance(self, ctx, buf, x):
+    """``(state, keys)``: the buffer after the block, and the keys the
+    block's rows are computed with (the same, but for a ring's fresh
+    block)."""
+    needs_length(f"a buffer of the past {self.size} positions")
     x = self.layout(x)
+    if ctx.fresh:
+      full = self._pad(self._only_real(ctx, x, 0))
+      return full, full
+    x = self._only_real(ctx, x, ctx.start + self.ahead)
+    buf = self._write(buf, x.astype(buf.dtype), ctx.start + self.ahead)
+    return buf, buf
+
+  def _only_real(self, ctx, x, first):
+    """Zeros past the real elements of a right-padded row, so that padding
+    never enters a buffer (0 · unfilled = 0 needs it finite)."""
+    if ctx.count is None:
+      return x
+    real = ctx.real(self.size, self.ahead)
+    keep = (jnp.arange(x.shape[self.axis]) < real).reshape(
+        [-1 if d == self.axis else 1 for d in range(x.ndim)])
+    return jnp.where(keep, x, jnp.zeros_like(x))
+
+  def _pad(self, x):
     widths = [(0, 0)] * x.ndim
     widths[self.axis] = (0, self.size - x.shape[self.axis])
     return jnp.pad(x, widths)
 
-  def step(self, ctx, buf, x):
-    return self._write(buf, self.layout(x).astype(buf.dtype),
-                       ctx.position + self.ahead, self.slot(ctx))
-
-  def slot(self, ctx):
-    return jnp.minimum(ctx.position + self.ahead, self.size - 1)
-
-  def _write(self, buf, new, index, slot):
-    """Writes ``new`` (element ``index``) at ``slot``. A value that runs
-    ahead computes elements past the end in the last steps; they are not
-    written, since they would land on (dynamic_update_slice clamps) and
-    replace an element the remaining rows still read."""
-    if self.ahead:
-      old = lax.dynamic_slice_in_dim(buf, slot, 1, self.axis)
-      new = jnp.where(index < self.size, new, old)
-    return lax.dynamic_update_slice_in_dim(buf, new, slot, self.axis)
+  def _write(self, buf, new, index):
+    """Writes ``new`` (elements ``index`` on) into ``buf``. A value that runs
+    ahead computes elements past the end in the last blocks; they are not
+    written, since dynamic_update_slice would clamp them onto (and replace)
+    elements the remaining rows still read."""
+    k = new.shape[self.axis]
+    if k == 1:
+      slot = jnp.minimum(index, self.size - 1)
+      if self.ahead:
+        old = lax.dynamic_slice_in_dim(buf, slot, 1, self.axis)
+        new = jnp.where(index < self.size, new, old)
+      return lax.dynamic_update_slice_in_dim(buf, new, slot, self.axis)
+    if not self.ahead:
+      return lax.dynamic_update_slice_in_dim(buf, new, index, self.axis)
+    moved = jnp.moveaxis(buf, self.axis, 0)
+    moved = moved.at[index + jnp.arange(k)].set(
+        jnp.moveaxis(new, self.axis, 0), mode="drop")
+    return jnp.moveaxis(moved, 0, self.axis)
 
 
 class RingBuffer(Buffer):
-  """The last ``window`` elements, element p in slot p mod window. Prefill
-  computes with the full buffer and keeps the ring for the steps."""
+  """The last ``window`` elements, element p in slot p mod window. A fresh
+  block computes with the full buffer and keeps the ring; a block of one
+  reads the ring. (Longer blocks on a ring run as steps.)"""
 
   def __init__(self, time_axis: int, size: int, ahead: int, window: int,
                perm=None):
     super().__init__(time_axis, size, ahead, perm)
     self.window = window
 
-  def prefill_ring(self, x):
-    full = self.prefill(x)
-    newest = x.shape[self.time_axis] - 1
-    slots = np.arange(self.window)
-    positions = newest - np.mod(newest - slots, self.window)
-    ring = jnp.take(full, np.maximum(positions, 0), axis=self.axis)
-    valid = (positions >= 0).reshape(
-        [-1 if d == self.axis else 1 for d in range(full.ndim)])
-    return jnp.where(valid, ring, jnp.zeros_like(ring)), full
-
-  def slot(self, ctx):
-    return jnp.mod(ctx.position + self.ahead, self.window)
+  def advance(self, ctx, ring, x):
+    if ctx.fresh:
+      full, _ = super().advance(ctx, None, x)
+      newest = ctx.real(self.size, self.ahead) - 1
+      slots = jnp.arange(self.window)
+      positions = newest - jnp.mod(newest - slots, self.window)
+      ring = jnp.take(full, jnp.maximum(positions, 0), axis=self.axis)
+      valid = (positions >= 0).reshape(
+          [-1 if d == self.axis else 1 for d in range(full.ndim)])
+      return jnp.where(valid, ring, jnp.zeros_like(ring)), full
+    assert ctx.is_step, "blocks on a ring run as steps"
+    needs_length(f"positions of a table of length {self.size}")
+    index = ctx.start + self.ahead
+    new = self.layout(x).astype(ring.dtype)
+    slot = jnp.mod(index, self.window)
+    if self.ahead:   # see Buffer._write
+      old = lax.dynamic_slice_in_dim(ring, slot, 1, self.axis)
+      new = jnp.where(index < self.size, new, old)
+    if ctx.count is not None:
+      old = lax.dynamic_slice_in_dim(ring, slot, 1, self.axis)
+      new = jnp.where(ctx.count > 0, new, old)
+    ring = lax.dynamic_update_slice_in_dim(ring, new, slot, self.axis)
+    return ring, ring
 
 
 def ring_positions(ctx, h, size):
   """The position each ring slot holds at this step (negative: not yet
   filled; such slots take the value of a key outside row t's window)."""
-  newest = jnp.minimum(ctx.position + h.ahead, size - 1)  # see Buffer._write
+  newest = jnp.minimum(ctx.start + h.ahead, size - 1)  # see Buffer._write
   positions = newest - jnp.mod(newest - jnp.arange(h.window), h.window)
   outside = jnp.where(newest + 1 < size, newest + 1, newest - h.window)
   return jnp.where(positions >= 0, positions, outside)
@@ -155,14 +191,6 @@ def _make_buffer(kind, e, i, window):
   return buffer, params
 
 
-def _buffer_prefill(buffer, x):
-  """(state, buffer to compute the prefill with)."""
-  if isinstance(buffer, RingBuffer):
-    return buffer.prefill_ring(x)
-  full = buffer.prefill(x)
-  return full, full
-
-
 def is_attention_contraction(e) -> bool:
   """Both operands scanned, neither scanned axis contracted nor batched."""
   if not all(is_scanned(k) for k in e.in_kinds):
@@ -185,34 +213,17 @@ def dot_general_rule(e):
     window = None
   kind = History(_dot_out_axis(dims, 0, q.axis, ndims),
                  _dot_out_axis(dims, 1, k.axis, ndims),
-                 min(q.ahead, k.ahead), TAINTED_FINITE, window, origin)
-  # rows may not run ahead of the keys: the buffer must hold every key <= row
-  delay = DelayLine(q.axis, e.in_avals[0].shape[q.axis], k.ahead,
-                    q.ahead - k.ahead) if q.ahead > k.ahead else None
+                 q.ahead, TAINTED_FINITE, window, origin)
   buffer, params = _make_buffer(k, e, 1, window)
 
-  # state: the key buffer, and the queue of delayed rows if any
-  def prefill(ctx, ins):
+  def advance(ctx, buf, ins):   # state: the key buffer
     qs, ks = ins
-    state, buf = _buffer_prefill(buffer, ks)
-    if delay is None:
-      return state, bind(e.eqn, [qs, buf], params)
-    queue, qs = delay.prefill(ctx, qs)
-    return (state, queue), bind(e.eqn, [qs, buf], params)
-
-  def step(ctx, state, ins):
-    qs, ks = ins
-    if delay is None:
-      buf = buffer.step(ctx, state, ks)
-      return buf, bind(e.eqn, [qs, buf], params)
-    buf, queue = state
-    queue, qs = delay.step(queue, qs)
-    buf = buffer.step(ctx, buf, ks)
-    return (buf, queue), bind(e.eqn, [qs, buf], params)
-  return Converted([kind], prefill, step, True)
+    buf, keys = buffer.advance(ctx, buf, ks)
+    return buf, bind(e.eqn, [qs, keys], params)
+  return Converted([kind], advance, True, blocks=window is None)
 
 
-@register(P.dot_general_p, history=True)
+@register(P.dot_general_p, history=True, aligned=False)
 def weights_times_values_rule(e):
   """Weights (History) contracted over their key axis with a scanned value's
   time axis: causal when the weights are exactly 0 at every future key. The
@@ -239,14 +250,11 @@ def weights_times_values_rule(e):
 
   contract_weights_first = _weights_first(e, params, hs)
 
-  def prefill(ctx, ins):
-    state, buf = _buffer_prefill(buffer, ins[vs])
-    return state, contract_weights_first(ins[hs], buf)
-
-  def step(ctx, buf, ins):
-    buf = buffer.step(ctx, buf, ins[vs])
-    return buf, contract_weights_first(ins[hs], buf)
-  return Converted([Scanned(out_axis, h.ahead)], prefill, step, True)
+  def advance(ctx, buf, ins):   # state: the value buffer
+    buf, values = buffer.advance(ctx, buf, ins[vs])
+    return buf, contract_weights_first(ins[hs], values)
+  return Converted([Scanned(out_axis, h.ahead)], advance, True,
+                   blocks=h.window is None)
 
 
 def _weights_first(e, params, hs):
@@ -429,7 +437,7 @@ def _history_pointwise(e, h, future, resize=None):
               and size > 1]
 
   def run(ctx, ins, params):
-    if ctx.is_step and h.window is not None and gathered:
+    if not ctx.fresh and h.window is not None and gathered:
       positions = ring_positions(ctx, h, size)
       ins = list(ins)
       for i in gathered:

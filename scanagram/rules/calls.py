@@ -26,13 +26,7 @@ def convert_call(e, body, in_kinds=None, in_known=None) -> Converted:
   """Converts a call to ``body`` (a ClosedJaxpr) made by equation ``e``."""
   sub = e.convert(body, e.in_kinds if in_kinds is None else in_kinds,
                   e.known_thunks() if in_known is None else in_known)
-
-  def prefill(ctx, ins):
-    return sub.prefill(ctx, ins)
-
-  def step(ctx, state, ins):
-    return sub.step(ctx, state, ins)
-  return Converted(sub.out_kinds, prefill, step, sub.stateful)
+  return Converted(sub.out_kinds, sub.advance, sub.stateful, sub.blocks)
 
 
 @register(P.jit_p, P.closed_call_p, P.custom_jvp_call_p, P.custom_vjp_call_p,
@@ -57,5 +51,4 @@ def linear_solve_rule(e):
   def pick(ins):
     return [ins[i] for i in picked]
   return converted._replace(
-      prefill=lambda ctx, ins: converted.prefill(ctx, pick(ins)),
-      step=lambda ctx, state, ins: converted.step(ctx, state, pick(ins)))
+      advance=lambda ctx, state, ins: converted.advance(ctx, state, pick(ins)))

@@ -1,16 +1,16 @@
 """Building blocks shared by the rule families.
 
 ``pointwise`` covers every primitive that acts independently at each time
-position: it runs the primitive itself on the current block (the prompt in
-prefill, a size-1 slice in the step), so the rule never spells out parameters
-it does not interpret. ``DelayLine`` lines up values that run ahead.
+position: it runs the primitive itself on the current block, so the rule
+never spells out parameters it does not interpret.
 """
 from typing import Callable, Optional, Sequence
 
 from jax import lax
 import jax.numpy as jnp
 
-from scanagram.interpreter import Converted, bind, time_block
+from scanagram.interpreter import (Converted, bind, needs_length, stateless,
+                                   time_block)
 from scanagram.kinds import UNSCANNED, Scanned, is_scanned
 
 
@@ -23,31 +23,6 @@ def only_scanned(e, why_not: str):
   for k in e.in_kinds:
     if k is not UNSCANNED and not is_scanned(k):
       raise e.refuse(why_not)
-
-
-class DelayLine:
-  """Delays a scanned value by ``delay`` elements (from ``ahead + delay`` down
-  to ``ahead``): its state is the ``delay`` elements computed but not yet due.
-  """
-
-  def __init__(self, axis: int, size: int, ahead: int, delay: int):
-    self.axis, self.size, self.ahead, self.delay = axis, size, ahead, delay
-
-  def prefill(self, ctx, x):
-    _, n = ctx.block(self.size, self.ahead)
-    due = lax.slice_in_dim(x, 0, n, axis=self.axis)
-    pending = lax.slice_in_dim(x, n, x.shape[self.axis], axis=self.axis)
-    missing = self.delay - pending.shape[self.axis]
-    if missing:  # past the end of the sequence: never reaches an output
-      widths = [(0, 0)] * x.ndim
-      widths[self.axis] = (0, missing)
-      pending = jnp.pad(pending, widths)
-    return pending, due
-
-  def step(self, queue, x):
-    joined = lax.concatenate([queue, x], self.axis)
-    return (lax.slice_in_dim(joined, 1, None, axis=self.axis),
-            lax.slice_in_dim(joined, 0, 1, axis=self.axis))
 
 
 def pointwise(e,
@@ -70,15 +45,10 @@ def pointwise(e,
     out_kinds: the output kinds, when not ``Scanned(out_axes[j], ahead)``
       (attention scores keep their History kind).
 
-  Operands that run ahead by different amounts are delayed to the least.
+  The interpreter has delayed operands that run ahead to one ``ahead``.
   """
   scanned = [i for i, k in enumerate(e.in_kinds) if k is not UNSCANNED]
-  ahead = min(e.in_kinds[i].ahead for i in scanned)
-  lines = {
-      i: DelayLine(operand_axes[i], e.in_avals[i].shape[operand_axes[i]], ahead,
-                   e.in_kinds[i].ahead - ahead)
-      for i in scanned if e.in_kinds[i].ahead > ahead
-  }
+  ahead = e.in_kinds[scanned[0]].ahead
   out_size = e.out_avals[0].shape[out_axes[0]]
   run = run or (lambda ctx, ins, params: bind(e.eqn, ins, params))
 
@@ -89,28 +59,12 @@ def pointwise(e,
         ins[i] = time_block(ctx, ins[i], axis, ahead)
     params = e.params
     if resize is not None:
-      params = resize(params, ctx.block(out_size, ahead)[1])
+      params = resize(params, ctx.span(out_size, ahead)[1])
     return run(ctx, ins, params)
 
   if out_kinds is None:
     out_kinds = tuple(Scanned(a, ahead) for a in out_axes)
-  if not lines:
-    return Converted(out_kinds, lambda ctx, ins: (None, apply(ctx, ins)),
-                     lambda ctx, state, ins: (state, apply(ctx, ins)), False)
-
-  def prefill(ctx, ins):
-    ins, queues = list(ins), {}
-    for i, line in lines.items():
-      queues[i], ins[i] = line.prefill(ctx, ins[i])
-    return queues, apply(ctx, ins)
-
-  def step(ctx, queues, ins):
-    ins, new = list(ins), {}
-    for i, line in lines.items():
-      new[i], ins[i] = line.step(queues[i], ins[i])
-    return new, apply(ctx, ins)
-
-  return Converted(out_kinds, prefill, step, True)
+  return stateless(out_kinds, apply)
 
 
 def replaced_at(values: Sequence, i: int, value) -> tuple:
@@ -126,12 +80,13 @@ def with_size(shape: Sequence[int], axis: int, n: int) -> tuple:
   return tuple(shape)
 
 
-class AlignedLeaves:
+class CallLeaves:
   """The operands of a call-like equation (``custom_scanagram``,
   ``associative_scan``): ``n_consts`` values its function closes over, which
   must not depend on the scanned input, then leaves scanned along one axis,
-  or unscanned with that axis at full length. ``prefill`` and ``step`` give
-  the leaves' current block lined up to the least-ahead leaf (``ahead``)."""
+  or unscanned with that axis at full length. ``split`` gives the consts and
+  the leaves' current block (the interpreter has aligned them to one
+  ``ahead``)."""
 
   def __init__(self, e, n_consts: int, name: str, closes_over: str):
     self.n_consts = n_consts
@@ -155,35 +110,37 @@ class AlignedLeaves:
         raise e.refuse(f"a leaf of {name}'s input (shape {a.shape}) does not "
                        f"depend on the scanned input and has no axis {axis} "
                        f"of length {self.length}")
-    self.ahead = min(k.ahead for k in kinds if is_scanned(k))
-    self.lines = {
-        i: DelayLine(axis, avals[i].shape[axis], self.ahead,
-                     k.ahead - self.ahead)
-        for i, k in enumerate(kinds) if is_scanned(k) and k.ahead > self.ahead}
+    self.ahead = next(k.ahead for k in kinds if is_scanned(k))
 
-  def _split(self, ctx, ins):
+  def split(self, ctx, ins):
+    """``(consts, leaves)`` for block ``ctx``."""
     xs = list(ins[self.n_consts:])
     for i, k in enumerate(self.kinds):
       if k is UNSCANNED:
         xs[i] = time_block(ctx, xs[i], self.axis, self.ahead)
     return list(ins[:self.n_consts]), xs
 
-  def prefill(self, ctx, ins):
-    """``(queues, consts, leaves)`` for the prompt."""
-    consts, xs = self._split(ctx, ins)
-    queues = {}
-    for i, line in self.lines.items():
-      queues[i], xs[i] = line.prefill(ctx, xs[i])
-    return queues, consts, xs
 
-  def step(self, ctx, queues, ins):
-    """``(queues, consts, leaves)`` for one step (leaves of size 1 along
-    ``axis``)."""
-    consts, xs = self._split(ctx, ins)
-    new = {}
-    for i, line in self.lines.items():
-      new[i], xs[i] = line.step(queues[i], xs[i])
-    return new, consts, xs
+def last_real(ctx, y, axis, ahead, before):
+  """The element of ``y`` (a value's elements in block ``ctx``) that the
+  state keeps after the block: the last real one, or ``before`` when the
+  block has none (size 1 along ``axis``)."""
+  real = _real(ctx, y, axis, ahead)
+  if isinstance(real, int):
+    if real == 0:
+      return before
+    return lax.slice_in_dim(y, real - 1, real, axis=axis)
+  last = lax.dynamic_slice_in_dim(y, jnp.maximum(real - 1, 0), 1, axis)
+  return jnp.where(real > 0, last, before)
+
+
+def _real(ctx, y, axis, ahead):
+  """How many elements of ``y`` (held in block ``ctx``) are real."""
+  if ctx.count is None:
+    return y.shape[axis]
+  if ctx.fresh:
+    return jnp.minimum(ctx.count + ahead, y.shape[axis])
+  return ctx.count
 
 
 def window_ahead(e, what, axis, input_ahead, padding, reach):
@@ -221,39 +178,71 @@ class CausalWindow:
     self.out_size = e.out_avals[0].shape[out_axis]
 
   def converted(self):
-    return Converted([Scanned(self.out_axis, self.ahead)], self.prefill,
-                     self.step, True)
+    return Converted([Scanned(self.out_axis, self.ahead)], self.advance, True)
 
-  def prefill(self, ctx, ins):
+  def advance(self, ctx, ring, ins):
+    if self.hi > 0:  # past the input's end the training mode sees padding
+      needs_length("a window padded at the end of the sequence")
+    if ctx.fresh:
+      return self._fresh(ctx, ins)
+    if ctx.size == 1:
+      return self._step(ctx, ring, ins)
+    x = ins[0]
+    first = ctx.start + self.ahead + self.reach  # padded index of x's first
+    if self.hi > 0:
+      x = self._past_end(x, first, ctx.size, ins)
+    # the ring in order of position, then the block: every window is whole
+    ordered = jnp.take(ring, jnp.mod(first + jnp.arange(self.reach),
+                                     self.reach), axis=self.axis)
+    seq = lax.concatenate([ordered.astype(x.dtype), x], self.axis)
+    y = self.run([seq, *ins[1:]], (0, 0), self.dilation)
+    return self._ring_from(seq, first - self.reach, first + ctx.advanced), [y]
+
+  def _fresh(self, ctx, ins):
     x = ins[0]
     y = self.run(ins, (self.lo, max(self.hi, 0)), self.dilation)
-    _, n = ctx.block(self.out_size, self.ahead)
+    _, n = ctx.span(self.out_size, self.ahead)
     y = lax.slice_in_dim(y, 0, n, axis=self.out_axis)
-    # the ring: the last `reach` elements of the front-padded input
+    # the front-padded input, with `reach` more in front so that a window
+    # before the first element is whole
     widths = [(0, 0)] * x.ndim
-    widths[self.axis] = (self.lo, 0)
+    widths[self.axis] = (self.lo + self.reach, 0)
     padded = jnp.pad(x, widths, constant_values=self.fill(ins))
-    length = padded.shape[self.axis]
-    if length < self.reach:
-      widths[self.axis] = (self.reach - length, 0)
-      padded = jnp.pad(padded, widths, constant_values=self.fill(ins))
-      length = self.reach
-    last = lax.slice_in_dim(padded, length - self.reach, None, axis=self.axis)
-    ring = jnp.roll(last, (length - self.reach) % self.reach, axis=self.axis)
-    return ring, [y]
+    consumed = ctx.real(self.in_size, self.ahead - self.lo + self.reach)
+    return self._ring_from(padded, -self.reach, self.lo + consumed), [y]
 
-  def step(self, ctx, ring, ins):
+  def _ring_from(self, seq, seq_first, end):
+    """The ring after a block: the ``reach`` elements of ``seq`` (whose
+    first element has padded index ``seq_first``) before padded index
+    ``end``, element p in slot p mod reach."""
+    e = end - seq_first
+    if isinstance(e, int):
+      last = lax.slice_in_dim(seq, e - self.reach, e, axis=self.axis)
+    else:
+      last = lax.dynamic_slice_in_dim(seq, e - self.reach, self.reach,
+                                      self.axis)
+    return jnp.take(last, jnp.mod(jnp.arange(self.reach) - end, self.reach),
+                    axis=self.axis)
+
+  def _past_end(self, x, first, k, ins):
+    index = first - self.lo + jnp.arange(k)   # input element of each
+    shape = [k if d == self.axis else 1 for d in range(x.ndim)]
+    return jnp.where((index >= self.in_size).reshape(shape),
+                     jnp.full_like(x, self.fill(ins)), x)
+
+  def _step(self, ctx, ring, ins):
     x = ins[0]
-    newest = ctx.position + self.ahead + self.reach  # index in padded input
-    if self.hi > 0:  # past the input's end the training mode sees padding
-      x = jnp.where(newest - self.lo >= self.in_size,
-                    jnp.full_like(x, self.fill(ins)), x)
+    newest = ctx.start + self.ahead + self.reach  # index in padded input
+    if self.hi > 0:
+      x = self._past_end(x, newest, 1, ins)
     taps = []
     for j in range(self.size - 1, 0, -1):
       slot = jnp.mod(newest - j * self.dilation, self.reach)
       taps.append(lax.dynamic_slice_in_dim(ring, slot, 1, self.axis))
     taps.append(x)
     window = lax.concatenate(taps, self.axis)
-    ring = lax.dynamic_update_slice_in_dim(
-        ring, x, jnp.mod(newest, self.reach), self.axis)
-    return ring, [self.run([window, *ins[1:]], (0, 0), 1)]
+    new_ring = lax.dynamic_update_slice_in_dim(
+        ring, x.astype(ring.dtype), jnp.mod(newest, self.reach), self.axis)
+    if ctx.count is not None:
+      new_ring = jnp.where(ctx.count > 0, new_ring, ring)
+    return new_ring, [self.run([window, *ins[1:]], (0, 0), 1)]

@@ -15,9 +15,9 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.extend.core import primitives as P
 
-from scanagram.interpreter import Converted, bind, register, time_block
+from scanagram.interpreter import (Converted, bind, register, stateless,
+                                   time_block)
 from scanagram.kinds import UNSCANNED, Scanned, WHOLE_SEQUENCE, is_scanned
-from scanagram.rules.common import DelayLine
 
 
 @register(P.scan_p)
@@ -49,43 +49,45 @@ def _scan_along_time(e):
                                           kinds[i].axis == 0):
       raise e.refuse("scan iterates along the scanned axis but one of its xs "
                      f"is scanned along its axis {kinds[i].axis}")
-  ahead = min(kinds[i].ahead for i in xs if is_scanned(kinds[i]))
-  lines = {i: DelayLine(0, e.in_avals[i].shape[0], ahead, kinds[i].ahead - ahead)
-           for i in xs if is_scanned(kinds[i]) and kinds[i].ahead > ahead}
+  ahead = next(kinds[i].ahead for i in xs if is_scanned(kinds[i]))
   body = e.params["jaxpr"]
   length = e.params["length"]
   out_kinds = ([WHOLE_SEQUENCE] * n_carry +
                [Scanned(0, ahead)] * (len(e.out_avals) - n_carry))
+  run_body = jex_core.jaxpr_as_fun(body)
 
-  def block(ctx, ins):
+  def advance(ctx, carry, ins):
     ins = list(ins)
     for i in xs:
       if kinds[i] is UNSCANNED:
         ins[i] = time_block(ctx, ins[i], 0, ahead)
-    return ins
+    consts = ins[:n_consts]
+    if carry is None:   # the state: the scan's carry
+      carry = ins[n_consts:n_consts + n_carry]
+    n = ctx.span(length, ahead)[1]
+    if ctx.is_step:
+      outs = run_body(*consts, *carry, *[a[0] for a in ins[n_consts +
+                                                           n_carry:]])
+      new, ys = outs[:n_carry], [y[None] for y in outs[n_carry:]]
+      if ctx.count is not None:
+        new = [jnp.where(ctx.count > 0, c, old) for c, old in zip(new, carry)]
+      return list(new), list(new) + ys
+    if ctx.count is None:
+      outs = bind(e.eqn, [*consts, *carry, *ins[n_consts + n_carry:]],
+                  dict(e.params, length=n))
+      return outs[:n_carry], outs
+    real = ctx.real(length, ahead)
 
-  def prefill(ctx, ins):
-    ins, queues = list(ins), {}
-    for i, line in lines.items():
-      queues[i], ins[i] = line.prefill(ctx, ins[i])
-    ins = block(ctx, ins)
-    n = ctx.block(length, ahead)[1]
-    outs = bind(e.eqn, ins, dict(e.params, length=n))
-    # state: the scan's carry (and delay lines of xs running ahead, if any)
-    return ((outs[:n_carry], queues) if lines else outs[:n_carry]), outs
-
-  def step(ctx, state, ins):
-    carry, queues = state if lines else (state, {})
-    ins, new_queues = list(ins), {}
-    for i, line in lines.items():
-      new_queues[i], ins[i] = line.step(queues[i], ins[i])
-    ins = block(ctx, ins)
-    x = [a[0] for a in ins[n_consts + n_carry:]]
-    outs = jex_core.jaxpr_as_fun(body)(*ins[:n_consts], *carry, *x)
-    carry, ys = outs[:n_carry], [y[None] for y in outs[n_carry:]]
-    new_state = (carry, new_queues) if lines else carry
-    return new_state, list(carry) + ys
-  return Converted(out_kinds, prefill, step, True)
+    def masked(c, i_x):   # past the row's real elements the carry holds
+      i, x = i_x
+      outs = run_body(*consts, *c, *x)
+      keep = i < real
+      return ([jnp.where(keep, new, old) for new, old in
+               zip(outs[:n_carry], c)], outs[n_carry:])
+    carry, ys = lax.scan(masked, list(carry),
+                         (jnp.arange(n), ins[n_consts + n_carry:]), length=n)
+    return list(carry), list(carry) + list(ys)
+  return Converted(out_kinds, advance, True)
 
 
 def _body_fixed_point(e, in_kinds, carry_slice, convert_body):
@@ -155,27 +157,18 @@ def _scan_over_other_axis(e):
     return (ins[:n_consts], ins[n_consts:n_consts + n_carry],
             ins[n_consts + n_carry:])
 
-  def prefill(ctx, ins):
-    consts, carry, xs = split(align(ctx, ins))
-
-    def iteration(carry, x):
-      state, outs = sub.prefill(ctx, list(consts) + list(carry) + list(x))
-      return outs[:n_carry], (outs[n_carry:], state)
-    carry, (ys, states) = lax.scan(iteration, list(carry), list(xs),
-                                   length=e.params["length"], reverse=reverse)
-    return states, list(carry) + list(ys)
-
-  def step(ctx, states, ins):
+  def advance(ctx, states, ins):
     consts, carry, xs = split(align(ctx, ins))
 
     def iteration(carry, x_state):
       x, state = x_state
-      state, outs = sub.step(ctx, state, list(consts) + list(carry) + list(x))
+      state, outs = sub.advance(ctx, state, list(consts) + list(carry) +
+                                list(x))
       return outs[:n_carry], (outs[n_carry:], state)
     carry, (ys, states) = lax.scan(iteration, list(carry), (list(xs), states),
                                    length=e.params["length"], reverse=reverse)
     return states, list(carry) + list(ys)
-  return Converted(out_kinds, prefill, step, sub.stateful)
+  return Converted(out_kinds, advance, sub.stateful, sub.blocks)
 
 
 @register(P.while_p)
@@ -205,14 +198,11 @@ def while_rule(e):
   def apply(ctx, ins):
     ins = align(ctx, ins)
     cconsts, bconsts, carry = ins[:nc], ins[nc:nc + nb], ins[nc + nb:]
-    return lax.while_loop(
-        lambda c: cond_sub.prefill(ctx, list(cconsts) + list(c))[1][0],
-        lambda c: sub.prefill(ctx, list(bconsts) + list(c))[1], list(carry))
-
-  def run(ctx, ins):  # stateless: prefill and step run the same loop
-    return list(apply(ctx, ins))
-  return Converted(carry_kinds, lambda ctx, ins: (None, run(ctx, ins)),
-                   lambda ctx, s, ins: (s, run(ctx, ins)), False)
+    return list(lax.while_loop(
+        lambda c: cond_sub.advance(ctx, None, list(cconsts) + list(c))[1][0],
+        lambda c: sub.advance(ctx, None, list(bconsts) + list(c))[1],
+        list(carry)))
+  return stateless(carry_kinds, apply)
 
 
 @register(P.cond_p)
@@ -229,33 +219,26 @@ def cond_rule(e):
                    f"{[s.out_kinds for s in subs]}")
   stateful = any(s.stateful for s in subs)
 
-  def prefill(ctx, ins):
+  def advance(ctx, states, ins):
     index, ops = ins[0], ins[1:]
-    shapes = [jax.eval_shape(lambda o, s=s: s.prefill(ctx, o)[0], ops)
-              for s in subs]
-    zeros = [jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sh)
-             for sh in shapes]
-
-    def branch(i):
-      def run(ops):
-        state, outs = subs[i].prefill(ctx, ops)
-        states = list(zeros)
-        states[i] = state
-        return states, outs
-      return run
-    return lax.switch(index, [branch(i) for i in range(len(subs))], ops)
-
-  def step(ctx, states, ins):
-    index, ops = ins[0], ins[1:]
-    if states is None:  # stateless: the interpreter keeps no state for it
-      states = [{} for _ in subs]
+    if states is None:   # the initial state of every branch, then this one's
+      shapes = [jax.eval_shape(lambda o, s=s: s.advance(ctx, None, o)[0], ops)
+                for s in subs]
+      states = [jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), sh)
+                for sh in shapes]
+      fresh = True
+    else:
+      fresh = False
 
     def branch(i):
       def run(states, ops):
-        state, outs = subs[i].step(ctx, states[i], ops)
+        state, outs = subs[i].advance(ctx, None if fresh else states[i], ops)
         states = list(states)
         states[i] = state
         return states, outs
       return run
-    return lax.switch(index, [branch(i) for i in range(len(subs))], states, ops)
-  return Converted(out_kinds, prefill, step, stateful)
+    states, outs = lax.switch(index, [branch(i) for i in range(len(subs))],
+                              states, ops)
+    return (states if stateful else None), outs
+  return Converted(out_kinds, advance, stateful,
+                   all(s.blocks for s in subs))

@@ -11,7 +11,7 @@ from jax.extend.core import primitives as P
 
 from scanagram.interpreter import Converted, register
 from scanagram.kinds import Scanned
-from scanagram.rules.common import pointwise
+from scanagram.rules.common import last_real, pointwise
 from scanagram.rules.elementwise import scanned_axis
 
 _REDUCE = [P.reduce_sum_p, P.reduce_max_p, P.reduce_min_p, P.reduce_prod_p,
@@ -105,14 +105,12 @@ def cumulative_rule(e):
   shape[axis] = 1
   identity = _identity(name, e.in_avals[0].dtype)
 
-  def prefill(ctx, ins):
+  def advance(ctx, running, ins):
     (x,) = ins
+    if running is None:
+      running = jnp.full(shape, identity)
     if x.shape[axis] == 0:
-      return jnp.full(shape, identity), [x]
-    (y,) = [e.primitive.bind(x, **e.params)]
-    return lax.slice_in_dim(y, y.shape[axis] - 1, None, axis=axis), [y]
-
-  def step(ctx, running, ins):
-    y = combine(running, ins[0])
-    return y, [y]
-  return Converted([Scanned(axis, kind.ahead)], prefill, step, True)
+      return running, [x]
+    y = combine(running, e.primitive.bind(x, **e.params))
+    return last_real(ctx, y, axis, kind.ahead, running), [y]
+  return Converted([Scanned(axis, kind.ahead)], advance, True)

@@ -11,7 +11,7 @@ from jax import lax
 from jax.extend.core import primitives as P
 
 from scanagram import _jax_internals
-from scanagram.interpreter import Converted, register, stateless
+from scanagram.interpreter import needs_length, register, stateless
 from scanagram.kinds import UNSCANNED, Scanned
 from scanagram.rules.common import pointwise, with_size
 from scanagram.rules.elementwise import scanned_axis
@@ -54,10 +54,10 @@ def slice_rule(e):
 
   def apply(ctx, ins):
     (x,) = ins
-    if ctx.is_step:  # the element it keeps is the input's current element
-      return [_slice_other_axes(x, others, axis)]
-    _, n = ctx.block(size, ahead)
-    x = lax.slice_in_dim(x, start, start + n, axis=axis)
+    if ctx.fresh:   # x holds elements 0.., the slice from `start`
+      _, n = ctx.span(size, ahead)
+      x = lax.slice_in_dim(x, start, start + n, axis=axis)
+    # else the elements x holds are those the slice holds
     return [_slice_other_axes(x, others, axis)]
   return stateless([Scanned(axis, ahead)], apply)
 
@@ -71,11 +71,14 @@ def _slice_other_axes(x, params, axis):
 
 
 def _past_end_select(ctx, x, axis, ahead, end, fill):
-  """In step mode, ``fill`` instead of ``x`` once the position is past
-  ``end``: the training mode has padding there, the step has run on."""
-  if not ctx.is_step:
-    return x
-  return jnp.where(ctx.position + ahead >= end, fill, x)
+  """``fill`` instead of ``x`` at the elements past ``end``: the training
+  mode has padding (or a constant suffix) there, the block has run on.
+  ``fill`` is a scalar or holds the block's elements."""
+  needs_length("padding at the end of the sequence")
+  first, n = ctx.span(end, ahead)
+  past = (first + jnp.arange(n) >= end).reshape(
+      [n if d == axis else 1 for d in range(x.ndim)])
+  return jnp.where(past, fill, x)
 
 
 @register(P.pad_p)
@@ -104,14 +107,14 @@ def pad_rule(e):
   def apply(ctx, ins):
     x, value = ins
     config = list(others)
-    if ctx.is_step:
+    if not ctx.fresh:   # x holds the elements the output holds
       config[axis] = (0, 0, 0)
       y = lax.pad(x, value, config)
       return [_past_end_select(ctx, y, axis, ahead, end, value)
               if hi > 0 else y]
     config[axis] = (lo, max(hi, 0), 0)
     y = lax.pad(x, value, config)
-    _, n = ctx.block(size, ahead)
+    _, n = ctx.span(size, ahead)
     return [lax.slice_in_dim(y, 0, n, axis=axis)]
   return stateless([Scanned(axis, ahead)], apply)
 
@@ -137,15 +140,16 @@ def concatenate_rule(e):
   has_suffix = j + 1 < len(e.in_avals)
 
   def apply(ctx, ins):
-    if not ctx.is_step:
+    if ctx.fresh:
       y = lax.concatenate(list(ins), dim)
-      _, n = ctx.block(size, ahead)
+      _, n = ctx.span(size, ahead)
       return [lax.slice_in_dim(y, 0, n, axis=axis)]
     x = ins[j]
     if has_suffix:
       suffix = lax.concatenate(list(ins[j + 1:]), dim)
-      index = jnp.clip(ctx.position + ahead - end, 0, suffix.shape[axis] - 1)
-      after = lax.dynamic_slice_in_dim(suffix, index, 1, axis)
+      first, n = ctx.span(size, ahead)
+      index = jnp.clip(first - end + jnp.arange(n), 0, suffix.shape[axis] - 1)
+      after = jnp.take(suffix, index, axis=axis)
       x = _past_end_select(ctx, x, axis, ahead, end, after)
     return [x]
   return stateless([Scanned(axis, ahead)], apply)
@@ -171,8 +175,8 @@ def split_rule(e):
 
   def apply(ctx, ins):
     (x,) = ins
-    if ctx.is_step:
+    if not ctx.fresh:
       return [x] * len(sizes)
-    return [lax.slice_in_dim(x, s, s + ctx.block(n, a)[1], axis=axis)
+    return [lax.slice_in_dim(x, s, s + ctx.span(n, a)[1], axis=axis)
             for s, n, a in zip(starts, sizes, aheads)]
   return stateless([Scanned(axis, a) for a in aheads], apply)
