@@ -278,9 +278,9 @@ class StepFunctions:
       # trace a step and see whether anything in it reads a length-L array
       # (None meanwhile: the traced step itself asks)
       self._max_length = None
-      specs = self._element_specs()
+      specs, carry = self._element_specs(), self.carry_spec()
       with recording_length_uses() as uses:
-        jax.eval_shape(self._step, self.carry_spec(), *specs)
+        jax.eval_shape(self._step, carry, *specs)
       self._max_length = self.length if uses else None
     return self._max_length
 

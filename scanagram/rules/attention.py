@@ -28,13 +28,16 @@ logits are filled with a value below ``NEG_THRESHOLD`` (-1e4) and the row's
 largest logit is more than ~100 above it, so ``exp`` underflows to 0 exactly,
 as it does in the training mode.
 """
+from typing import Any, NamedTuple
+
 import numpy as np
 import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import primitives as P
 
 from scanagram.errors import ScanConversionError
-from scanagram.interpreter import Converted, bind, needs_length, register
+from scanagram.interpreter import (Converted, bind, needs_length, register,
+                                   time_block)
 from scanagram.kinds import (EXACT, LOW, NEG, TAINTED, UNSCANNED, History,
                              Scanned, is_scanned)
 from scanagram.rules import calls, elementwise, structural
@@ -148,13 +151,11 @@ class RingBuffer(Buffer):
           [-1 if d == self.axis else 1 for d in range(full.ndim)])
       return jnp.where(valid, ring, jnp.zeros_like(ring)), full
     assert ctx.is_step, "blocks on a ring run as steps"
-    needs_length(f"positions of a table of length {self.size}")
+    # element p replaces p - window, which no row from p on reads (a value
+    # running ahead past L included: no clamping, unlike Buffer._write)
     index = ctx.start + self.ahead
     new = self.layout(x).astype(ring.dtype)
     slot = jnp.mod(index, self.window)
-    if self.ahead:   # see Buffer._write
-      old = lax.dynamic_slice_in_dim(ring, slot, 1, self.axis)
-      new = jnp.where(index < self.size, new, old)
     if ctx.count is not None:
       old = lax.dynamic_slice_in_dim(ring, slot, 1, self.axis)
       new = jnp.where(ctx.count > 0, new, old)
@@ -165,6 +166,7 @@ class RingBuffer(Buffer):
 def ring_positions(ctx, h, size):
   """The position each ring slot holds at this step (negative: not yet
   filled; such slots take the value of a key outside row t's window)."""
+  needs_length(f"a table over {size} positions read at the ring's slots")
   newest = jnp.minimum(ctx.start + h.ahead, size - 1)  # see Buffer._write
   positions = newest - jnp.mod(newest - jnp.arange(h.window), h.window)
   outside = jnp.where(newest + 1 < size, newest + 1, newest - h.window)
@@ -428,24 +430,77 @@ def _history_axes(e):
 
 
 def _history_pointwise(e, h, future, resize=None):
-  """Runs an equation on scores position by position; in a ring's step,
-  unscanned operands over all keys are gathered at the slots' positions."""
+  """Runs an equation on scores position by position. In a ring's step,
+  unscanned operands over all keys are gathered at the slots' positions,
+  but a band (one value inside the window, another outside, as a sliding
+  window's mask is) is computed from the positions, so a state with no other
+  length-L table steps on past L."""
   out = h.replace(future=future)
   size = e.out_avals[0].shape[h.key_axis]
   gathered = [i for i, (k, a) in enumerate(zip(e.in_kinds, e.in_avals))
               if k is UNSCANNED and a.ndim and a.shape[h.key_axis] == size
               and size > 1]
+  operand_axes = elementwise.broadcast_operand_axes(e, h.axis)
+  bands = {}
+  if h.window is not None:
+    bands = {i: band for i in gathered
+             if operand_axes[i] is not None
+             for band in [_band(e, i, h)] if band is not None}
+  for i in bands:   # run slices them itself
+    operand_axes[i] = None
 
   def run(ctx, ins, params):
-    if not ctx.fresh and h.window is not None and gathered:
-      positions = ring_positions(ctx, h, size)
-      ins = list(ins)
-      for i in gathered:
-        ins[i] = jnp.take(ins[i], positions, axis=h.key_axis)
+    ins = list(ins)
+    if ctx.fresh:
+      for i in bands:
+        ins[i] = time_block(ctx, ins[i], h.axis, h.ahead)
+    elif h.window is not None:
+      for i, band in bands.items():
+        ins[i] = band.at_step(ctx, h, e.in_avals[i].shape)
+      rest = [i for i in gathered if i not in bands]
+      if rest:
+        positions = ring_positions(ctx, h, size)
+        for i in rest:
+          ins[i] = jnp.take(ins[i], positions, axis=h.key_axis)
     return bind(e.eqn, ins, params)
-  return pointwise(e, elementwise.broadcast_operand_axes(e, h.axis),
-                   [h.axis] * len(e.out_avals), resize, run=run,
-                   out_kinds=[out] * len(e.out_avals))
+  return pointwise(e, operand_axes, [h.axis] * len(e.out_avals), resize,
+                   run=run, out_kinds=[out] * len(e.out_avals))
+
+
+class _Band(NamedTuple):
+  """A constant over (rows, keys) that is ``inside`` where ``0 <= i - j <
+  window`` and ``outside`` elsewhere."""
+  inside: Any
+  outside: Any
+
+  def at_step(self, ctx, h, shape):
+    """Its row at this step over the ring's slots (a slot not yet filled
+    holds no key of the window)."""
+    newest = ctx.start + h.ahead
+    positions = newest - jnp.mod(newest - jnp.arange(h.window), h.window)
+    keys = [h.window if d == h.key_axis else 1 for d in range(len(shape))]
+    value = jnp.where((positions >= 0).reshape(keys), self.inside,
+                      self.outside)
+    target = [1 if d == h.axis else h.window if d == h.key_axis else n
+              for d, n in enumerate(shape)]
+    return jnp.broadcast_to(value, target)
+
+
+def _band(e, i, h):
+  """Operand ``i`` as a :class:`_Band` for ``h``'s window, or None."""
+  values = e.known(i)
+  if values is None or values.shape != e.in_avals[i].shape:
+    return None
+  rows, keys = _rows_keys(values.shape, h.axis, h.key_axis)
+  inside = np.broadcast_to((rows - keys >= 0) & (rows - keys < h.window),
+                           values.shape)
+  within, beyond = values[inside], values[~inside]
+  if not within.size or not beyond.size:
+    return None
+  if not ((within == within.flat[0]).all() and
+          (beyond == beyond.flat[0]).all()):
+    return None
+  return _Band(within.flat[0], beyond.flat[0])
 
 
 @register(*[p for p in elementwise.ELEMENTWISE if p is not P.select_n_p],
