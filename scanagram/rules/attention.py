@@ -89,20 +89,22 @@ class Buffer:
     needs_length(f"a buffer of the past {self.size} positions")
     x = self.layout(x)
     if ctx.fresh:
-      full = self._pad(self._only_real(ctx, x, 0))
+      full = self._pad(self._only_real(ctx, x, None))
       return full, full
-    x = self._only_real(ctx, x, ctx.start + self.ahead)
-    buf = self._write(buf, x.astype(buf.dtype), ctx.start + self.ahead)
+    buf = self._write(buf, x.astype(buf.dtype), ctx.start + self.ahead,
+                      ctx.count)
     return buf, buf
 
-  def _only_real(self, ctx, x, first):
-    """Zeros past the real elements of a right-padded row, so that padding
-    never enters a buffer (0 · unfilled = 0 needs it finite)."""
+  def _only_real(self, ctx, x, axis):
+    """Zeros past the real elements of a right-padded row (``axis``: x's
+    time axis), so that padding never enters a buffer (0 · unfilled = 0
+    needs it finite)."""
     if ctx.count is None:
       return x
+    axis = self.axis if axis is None else axis
     real = ctx.real(self.size, self.ahead)
-    keep = (jnp.arange(x.shape[self.axis]) < real).reshape(
-        [-1 if d == self.axis else 1 for d in range(x.ndim)])
+    keep = (jnp.arange(x.shape[axis]) < real).reshape(
+        [-1 if d == axis else 1 for d in range(x.ndim)])
     return jnp.where(keep, x, jnp.zeros_like(x))
 
   def _pad(self, x):
@@ -110,23 +112,29 @@ class Buffer:
     widths[self.axis] = (0, self.size - x.shape[self.axis])
     return jnp.pad(x, widths)
 
-  def _write(self, buf, new, index):
-    """Writes ``new`` (elements ``index`` on) into ``buf``. A value that runs
-    ahead computes elements past the end in the last blocks; they are not
-    written, since dynamic_update_slice would clamp them onto (and replace)
-    elements the remaining rows still read."""
+  def _write(self, buf, new, index, count):
+    """Writes the first ``count`` (None: all) elements of ``new`` at
+    ``index`` on. Elements past the end (a value running ahead computes them
+    in the last blocks) and a padded row's padding are not written:
+    dynamic_update_slice would clamp them onto, and replace, elements the
+    remaining rows still read."""
     k = new.shape[self.axis]
     if k == 1:
       slot = jnp.minimum(index, self.size - 1)
-      if self.ahead:
+      keep = None if not self.ahead else index < self.size
+      if count is not None:
+        keep = count > 0 if keep is None else keep & (count > 0)
+      if keep is not None:
         old = lax.dynamic_slice_in_dim(buf, slot, 1, self.axis)
-        new = jnp.where(index < self.size, new, old)
+        new = jnp.where(keep, new, old)
       return lax.dynamic_update_slice_in_dim(buf, new, slot, self.axis)
-    if not self.ahead:
+    if not self.ahead and count is None:
       return lax.dynamic_update_slice_in_dim(buf, new, index, self.axis)
+    j = jnp.arange(k)
+    slots = index + j if count is None else jnp.where(j < count, index + j,
+                                                      self.size)
     moved = jnp.moveaxis(buf, self.axis, 0)
-    moved = moved.at[index + jnp.arange(k)].set(
-        jnp.moveaxis(new, self.axis, 0), mode="drop")
+    moved = moved.at[slots].set(jnp.moveaxis(new, self.axis, 0), mode="drop")
     return jnp.moveaxis(moved, 0, self.axis)
 
 
@@ -150,7 +158,10 @@ class RingBuffer(Buffer):
       valid = (positions >= 0).reshape(
           [-1 if d == self.axis else 1 for d in range(full.ndim)])
       return jnp.where(valid, ring, jnp.zeros_like(ring)), full
-    assert ctx.is_step, "blocks on a ring run as steps"
+    if ctx.count is not None:
+      x = self._only_real(ctx, x, self.time_axis)
+    if not ctx.is_step:
+      return self._block(ctx, ring, x)
     # element p replaces p - window, which no row from p on reads (a value
     # running ahead past L included: no clamping, unlike Buffer._write)
     index = ctx.start + self.ahead
@@ -161,6 +172,20 @@ class RingBuffer(Buffer):
       new = jnp.where(ctx.count > 0, new, old)
     ring = lax.dynamic_update_slice_in_dim(ring, new, slot, self.axis)
     return ring, ring
+
+  def _block(self, ctx, ring, x):
+    """A block of k > 1: the rows read the ring in order of position, then
+    the block (``window + k`` keys at positions ``first - window`` on, see
+    :meth:`_Band.at_block`); the ring keeps the last ``window`` real ones."""
+    w, axis = self.window, self.axis
+    first = ctx.start + self.ahead
+    ordered = jnp.take(ring, jnp.mod(first + jnp.arange(w), w), axis=axis)
+    seq = lax.concatenate([ordered, self.layout(x).astype(ring.dtype)], axis)
+    real = ctx.advanced
+    last = lax.dynamic_slice_in_dim(seq, real, w, axis) if not isinstance(
+        real, int) else lax.slice_in_dim(seq, real, real + w, axis=axis)
+    end = first + real   # position just after the last one kept
+    return jnp.take(last, jnp.mod(jnp.arange(w) - end, w), axis=axis), seq
 
 
 def ring_positions(ctx, h, size):
@@ -222,7 +247,7 @@ def dot_general_rule(e):
     qs, ks = ins
     buf, keys = buffer.advance(ctx, buf, ks)
     return buf, bind(e.eqn, [qs, keys], params)
-  return Converted([kind], advance, True, blocks=window is None)
+  return Converted([kind], advance, True)
 
 
 @register(P.dot_general_p, history=True, aligned=False)
@@ -255,8 +280,7 @@ def weights_times_values_rule(e):
   def advance(ctx, buf, ins):   # state: the value buffer
     buf, values = buffer.advance(ctx, buf, ins[vs])
     return buf, contract_weights_first(ins[hs], values)
-  return Converted([Scanned(out_axis, h.ahead)], advance, True,
-                   blocks=h.window is None)
+  return Converted([Scanned(out_axis, h.ahead)], advance, True)
 
 
 def _weights_first(e, params, hs):
@@ -456,15 +480,17 @@ def _history_pointwise(e, h, future, resize=None):
         ins[i] = time_block(ctx, ins[i], h.axis, h.ahead)
     elif h.window is not None:
       for i, band in bands.items():
-        ins[i] = band.at_step(ctx, h, e.in_avals[i].shape)
-      rest = [i for i in gathered if i not in bands]
+        ins[i] = band.at(ctx, h, e.in_avals[i].shape)
       if rest:
         positions = ring_positions(ctx, h, size)
         for i in rest:
           ins[i] = jnp.take(ins[i], positions, axis=h.key_axis)
     return bind(e.eqn, ins, params)
-  return pointwise(e, operand_axes, [h.axis] * len(e.out_avals), resize,
-                   run=run, out_kinds=[out] * len(e.out_avals))
+  rest = [i for i in gathered if i not in bands]
+  converted = pointwise(e, operand_axes, [h.axis] * len(e.out_avals), resize,
+                        run=run, out_kinds=[out] * len(e.out_avals))
+  # a table read at the ring's slots serves blocks of one only
+  return converted._replace(blocks=h.window is None or not rest)
 
 
 class _Band(NamedTuple):
@@ -473,15 +499,26 @@ class _Band(NamedTuple):
   inside: Any
   outside: Any
 
-  def at_step(self, ctx, h, shape):
-    """Its row at this step over the ring's slots (a slot not yet filled
-    holds no key of the window)."""
-    newest = ctx.start + h.ahead
-    positions = newest - jnp.mod(newest - jnp.arange(h.window), h.window)
-    keys = [h.window if d == h.key_axis else 1 for d in range(len(shape))]
-    value = jnp.where((positions >= 0).reshape(keys), self.inside,
-                      self.outside)
-    target = [1 if d == h.axis else h.window if d == h.key_axis else n
+  def at(self, ctx, h, shape):
+    """Its rows in this block over the keys the ring gives them: in a step
+    the ring's slots (a slot not yet filled holds no key of the window), in
+    a longer block the ring in order of position then the block's own."""
+    w, k = h.window, ctx.size
+    first = ctx.start + h.ahead
+    if ctx.is_step:
+      keys = first - jnp.mod(first - jnp.arange(w), w)
+    else:
+      keys = first - w + jnp.arange(w + k)
+    rows = first + jnp.arange(k)
+    distance = (rows.reshape([k if d == h.axis else 1
+                              for d in range(len(shape))]) -
+                keys.reshape([keys.size if d == h.key_axis else 1
+                              for d in range(len(shape))]))
+    inside = (distance >= 0) & (distance < w) & (
+        keys >= 0).reshape([keys.size if d == h.key_axis else 1
+                            for d in range(len(shape))])
+    value = jnp.where(inside, self.inside, self.outside)
+    target = [k if d == h.axis else keys.size if d == h.key_axis else n
               for d, n in enumerate(shape)]
     return jnp.broadcast_to(value, target)
 
