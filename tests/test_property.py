@@ -3,6 +3,7 @@ step matches the training mode for every prefill length (hypothesis draws
 the composition)."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 from hypothesis import given, settings, strategies as st
 from jax import lax
 
@@ -28,6 +29,13 @@ def additive_attention(x):
   return jax.nn.softmax((x @ W) @ x.T / 2.0 + bias) @ x
 
 
+def window_attention(x):
+  """A sliding window of 3 keys: the cache is a ring."""
+  i, j = jnp.arange(L)[:, None], jnp.arange(L)[None, :]
+  logits = jnp.where((j <= i) & (j > i - 3), (x @ W) @ x.T, -jnp.inf)
+  return jax.nn.softmax(logits) @ x
+
+
 def linear_recurrence(x):
   """h_t = sigmoid(x_t) * h_{t-1} + x_t, as a parallel scan."""
   return scanagram.associative_scan(
@@ -51,6 +59,7 @@ BLOCKS = {
         jnp.swapaxes(x, 0, 1) * 2, 0, 1),
     "attention": attention,
     "additive_attention": additive_attention,
+    "window_attention": window_attention,
     "moving_max": lambda x: lax.reduce_window(
         x, -jnp.inf, lax.max, (3, 1), (1, 1), ((2, 0), (0, 0))),
     "moving_sum_dilated": lambda x: lax.reduce_window(
@@ -72,6 +81,45 @@ def test_composition_of_causal_blocks(names, prompt_length):
     return x
   check_scan(fun, random_like(jnp.zeros((L, D)), seed=len(names)),
              prefill_lengths=[prompt_length], tol=1e-4)
+
+
+B = 3
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.sampled_from(sorted(BLOCKS)), min_size=1, max_size=4),
+       st.lists(st.integers(0, L), min_size=B, max_size=B),
+       st.lists(st.integers(1, L), min_size=1, max_size=3),
+       st.randoms(use_true_random=False))
+def test_ragged_rows_and_blocks(names, prompt_lengths, block_sizes, draw):
+  """Rows at their own positions: a ragged prefill, then blocks of the drawn
+  sizes with drawn per-row lengths; row b's outputs are the training mode's
+  on row b's own sequence."""
+  def fun(x):                                     # x: [L, D]
+    for name in names:
+      x = BLOCKS[name](x) + x * 0.5
+    return x
+  xs = random_like(jnp.zeros((B, L, D)), seed=len(names))
+  fns = scanagram.to_step(jax.vmap(fun), xs, in_axes=1, out_axes=1,
+                          batch_axes=0, out_batch_axes=0)
+  want = jax.vmap(fun)(xs)
+  positions = np.array(prompt_lengths)
+  carry, out = fns.prefill(xs[:, :max(positions)], lengths=positions)
+  for b, p in enumerate(positions):
+    np.testing.assert_allclose(out[b, :p], want[b, :p], atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(out[b, p:], 0)
+  for k in block_sizes:
+    lengths = np.array([draw.randint(0, min(k, L - int(p))) for p in positions])
+    block = np.zeros((B, k, D), np.float32)
+    for b, (p, n) in enumerate(zip(positions, lengths)):
+      block[b, :n] = xs[b, p:p + n]
+    carry, ys = fns.extend(carry, jnp.asarray(block), lengths=lengths)
+    for b, (p, n) in enumerate(zip(positions, lengths)):
+      np.testing.assert_allclose(ys[b, :n], want[b, p:p + n], atol=1e-4,
+                                 rtol=1e-4)
+      np.testing.assert_array_equal(ys[b, n:], 0)
+    positions = positions + lengths
+    np.testing.assert_array_equal(fns.positions(carry), positions)
 
 
 ANTI_CAUSAL = {
