@@ -32,6 +32,20 @@ JSON keys (figure name -> number):
     from JAX, median per call, the two taking turns call by call (target <=
     1.15); torch_run_speedup: 64 TorchStepper calls / one TorchStepper.run
     over 64 steps.
+  extend8_over_step: one jitted extend of 8 tokens / one jitted step, both
+    from the carry after a prefill of 256 (carry donated; a fresh copy per
+    call, made untimed), bench transformer (target <= 2.5).
+  chunked_prefill_ratio: a prompt of L=512 tokens as a prefill of 128 and 3
+    extends of 128 / one prefill of 512 (target <= 1.3).
+  ragged_generate_ratio: per-token time of greedy generation from prompts of
+    lengths drawn from 1..128 per row (the conversion with rows,
+    batch_axes=0, prefill with lengths=) / from prompts of 128 in every row
+    (the conversion without rows); per-token time is (time of 80 steps -
+    time of 16 steps) / 64, so the prefill cancels (target <= 1.15).
+  ragged_generate_ratio_same_conversion: the same ragged generation / rows
+    all at 128 with the same (rows) conversion: the cost of raggedness;
+    rows_generate_ratio_vs_uniform: rows all at 128 with the rows conversion
+    / the uniform conversion: the cost of per-row positions.
 
 Diagnostics (no target): ``*_step_ms_*`` and ``*_generate_ms_per_token_*``
 (absolute times), ``*_call_ratio`` (one dispatch per token),
@@ -52,7 +66,10 @@ loop: the adapter's own cost), ``torch_run_ratio_vs_jax_run``
 (TorchStepper.run of 64 steps / the same compiled run called from JAX: ~1
 when a chunk crosses the boundary once),
 ``convert_seconds_growth_vs_linear`` (~1 when conversion time grows
-linearly with depth), the machine's
+linearly with depth), ``extend8_ms_at_256``, ``step_ms_at_256``,
+``chunked_prefill_ms_4x128``, ``prefill_ms_512`` and
+``generate_ms_per_token_{uniform,ragged,rows_full}`` (the absolute times
+behind the block figures), the machine's
 ``cpu_count`` and ``load_average_1min``, and ``smoke``.
 """
 import argparse
@@ -66,7 +83,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
+import scanagram
 from adapters.haiku import to_step
 from benchmarks import baselines, models
 from benchmarks.timing import interleaved, interleaved_calls, seconds
@@ -80,7 +99,10 @@ FULL = dict(
              steps=256),
     transformer=dict(d_model=256, heads=4, layers=4, length=512, vocab=256,
                      steps=64, naive_tokens=4, generate_repeats=7,
-                     latency_positions=(1, 64, 128, 256, 384, 512)),
+                     latency_positions=(1, 64, 128, 256, 384, 512),
+                     extend_at=256, extend_block=8, chunk=128,
+                     block_repeats=31, ragged_prompt=128,
+                     ragged_steps=(16, 80), ragged_repeats=9),
     depths=(2, 6, 12, 24), convert_repeats=5, torch_calls=64,
 )
 SMOKE = dict(
@@ -90,7 +112,9 @@ SMOKE = dict(
     lru=dict(input=3, width=8, state=8, layers=2, out=5, length=16, steps=16),
     transformer=dict(d_model=16, heads=2, layers=2, length=16, vocab=32,
                      steps=8, naive_tokens=2, generate_repeats=2,
-                     latency_positions=(1, 8, 16)),
+                     latency_positions=(1, 8, 16), extend_at=8,
+                     extend_block=8, chunk=4, block_repeats=2,
+                     ragged_prompt=4, ragged_steps=(2, 10), ragged_repeats=2),
     depths=(1, 2), convert_repeats=1, torch_calls=4,
 )
 TARGETS = {
@@ -102,12 +126,17 @@ TARGETS = {
     "transformer_speedup_vs_recompute_T512": (">=", 20.0),
     "convert_compile_ratio_24_layers": ("<=", 2.0),
     "torch_step_ratio": ("<=", 1.15),
+    "extend8_over_step": ("<=", 2.5),
+    "chunked_prefill_ratio": ("<=", 1.3),
+    "ragged_generate_ratio": ("<=", 1.15),
 }
 
 
 def required_keys(config):
   """The JSON keys a run with ``config`` writes (the smoke test checks)."""
-  keys = list(TARGETS) + ["torch_run_speedup"]
+  keys = list(TARGETS) + ["torch_run_speedup",
+                          "ragged_generate_ratio_same_conversion",
+                          "rows_generate_ratio_vs_uniform"]
   for n in config["depths"]:
     keys += [f"convert_seconds_{n}_layers", f"compile_step_seconds_{n}_layers",
              f"compile_forward_seconds_{n}_layers"]
@@ -488,6 +517,157 @@ def bench_torch(config, results, pair, params, tokens):
       f"{1e3 * whole['jax run']:.1f} ms")
 
 
+# -- blocks: extend, chunked prefill, ragged rows -----------------------------
+def copied(tree):
+  """A fresh copy of every array (a carry to donate, the original kept)."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def bench_extend(config, results, model, pair, params, tokens):
+  """``extend`` of k tokens against ``step``, and a prompt prefilled in
+  chunks against one prefill, on the bench transformer's functions (no
+  rows). Each call is jitted with the carry donated; a donated carry is a
+  fresh copy made untimed (``interleaved``'s setup)."""
+  c = config["transformer"]
+  fns = pair.functions
+  at, k, chunk = c["extend_at"], c["extend_block"], c["chunk"]
+  length = c["length"]
+  want = model.apply(params, None, tokens)
+  prefill = jax.jit(lambda p, xs: fns.prefill(p, xs))
+  extend = jax.jit(lambda p, carry, xs: fns.extend(p, carry, xs),
+                   donate_argnums=1)
+  step = jax.jit(lambda p, carry, x: fns.step(p, carry, x), donate_argnums=1)
+
+  # extend of k tokens / step, both from the carry at position `at`
+  carry_at, _ = prefill(params, tokens[:, :at])
+  block, element = tokens[:, at:at + k], tokens[:, at]
+  _, ys = extend(params, copied(carry_at), block)
+  check_close("transformer extend", ys, want[:, at:at + k])
+  _, y = step(params, copied(carry_at), element)
+  check_close("transformer step after prefill", y, want[:, at])
+  t = interleaved({
+      "extend": (lambda: copied(carry_at),
+                 lambda carry: extend(params, carry, block)),
+      "step": (lambda: copied(carry_at),
+               lambda carry: step(params, carry, element)),
+  }, repeats=c["block_repeats"], warmup=config["warmup"])
+  results[f"extend{k}_over_step"] = t["extend"] / t["step"]
+  results[f"extend{k}_ms_at_{at}"] = 1e3 * t["extend"]
+  results[f"step_ms_at_{at}"] = 1e3 * t["step"]
+  log(f"  extend of {k} at {at}: {1e3 * t['extend']:.2f} ms, step "
+      f"{1e3 * t['step']:.2f} ms: ratio {t['extend'] / t['step']:.2f}")
+
+  # a prompt of L tokens: chunks (a prefill, then extends) / one prefill
+  chunks = [tokens[:, i:i + chunk] for i in range(0, length, chunk)]
+
+  def chunked(_):
+    carry, y = prefill(params, chunks[0])
+    ys = [y]
+    for block in chunks[1:]:
+      carry, y = extend(params, carry, block)
+      ys.append(y)
+    return carry, ys
+  whole = lambda _: prefill(params, tokens)  # noqa: E731
+  check_close("transformer chunked prefill",
+              jnp.concatenate(chunked(None)[1], 1), want)
+  check_close("transformer prefill", whole(None)[1], want)
+  t = interleaved({"chunked": (lambda: None, chunked),
+                   "whole": (lambda: None, whole)},
+                  repeats=c["block_repeats"], warmup=config["warmup"])
+  results["chunked_prefill_ratio"] = t["chunked"] / t["whole"]
+  results[f"chunked_prefill_ms_{len(chunks)}x{chunk}"] = 1e3 * t["chunked"]
+  results[f"prefill_ms_{length}"] = 1e3 * t["whole"]
+  log(f"  prompt of {length}: {len(chunks)} chunks of {chunk} "
+      f"{1e3 * t['chunked']:.1f} ms, one prefill {1e3 * t['whole']:.1f} ms: "
+      f"ratio {t['chunked'] / t['whole']:.2f}")
+
+
+def generator(fns):
+  """Jitted greedy ``generate(params, prompt, lengths, steps) -> [B,
+  steps]``, one compiled loop on the core API: prefill (row b's prompt is
+  its first ``lengths[b]`` tokens when ``lengths`` is given), the first
+  token from each row's last prompt output, then ``steps - 1`` steps in a
+  ``lax.scan``."""
+  def generate(params, prompt, lengths, steps):
+    carry, out = fns.prefill(params, prompt, lengths=lengths)
+    if lengths is None:
+      last = out[:, -1]
+    else:
+      last = out[jnp.arange(out.shape[0]), lengths - 1]
+    first = greedy(None, last)
+
+    def body(state, _):
+      carry, token = state
+      carry, logits = fns.step(params, carry, token)
+      token = greedy(None, logits)
+      return (carry, token), token
+    _, rest = lax.scan(body, (carry, first), None, length=steps - 1)
+    return jnp.concatenate([first[None], rest], 0).T
+  return jax.jit(generate, static_argnums=3)
+
+
+def bench_ragged(config, results, model, pair, params, tokens):
+  """Generation from prompts of different lengths per row (the conversion
+  with rows, ``batch_axes=0``, ``lengths=``) against generation from
+  prompts all of the longest length (the conversion without rows): per-token
+  time as (time of S2 steps - time of S1 steps) / (S2 - S1), so that the
+  prefill cancels."""
+  c, b = config["transformer"], config["batch"]
+  p = c["ragged_prompt"]
+  s1, s2 = c["ragged_steps"]
+  lengths = jnp.asarray(np.random.default_rng(0).integers(1, p + 1, b),
+                        jnp.int32)
+  full = jnp.full((b,), p, jnp.int32)
+  prompt = tokens[:, :p]
+  fun = lambda params, xs: model.apply(params, None, xs)  # noqa: E731
+  spec = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype)
+  rows = scanagram.to_step(fun, params, spec, in_axes=(None, 1), out_axes=1,
+                           batch_axes=(None, 0), out_batch_axes=0)
+  uniform = generator(pair.functions)
+  ragged = generator(rows)
+  runs = {"uniform": lambda n: uniform(params, prompt, None, n),
+          "ragged": lambda n: ragged(params, prompt, lengths, n),
+          "rows_full": lambda n: ragged(params, prompt, full, n)}
+
+  # checks: the rows at full length generate what the uniform conversion
+  # does; each ragged row generates what the training model predicts from
+  # that row's own prompt and the tokens generated so far (teacher forcing)
+  head = min(8, s1)
+  got = {side: np.asarray(run(s1)) for side, run in runs.items()}
+  if not np.array_equal(got["rows_full"][:, :head],
+                        got["uniform"][:, :head]):
+    raise AssertionError("ragged generate: rows at full length differ from "
+                         "the uniform conversion")
+  n = np.asarray(lengths)
+  seqs = np.zeros((b, p + s1), np.int32)
+  for r in range(b):
+    seqs[r, :n[r]] = np.asarray(prompt[r, :n[r]])
+    seqs[r, n[r]:n[r] + s1] = got["ragged"][r]
+  logits = jax.jit(fun)(params, jnp.asarray(seqs))
+  for r in range(b):
+    predicted = np.asarray(greedy(None, logits[r, n[r] - 1:n[r] - 1 + head]))
+    if not np.array_equal(predicted, got["ragged"][r, :head]):
+      raise AssertionError(f"ragged generate: row {r} (prompt of {n[r]}) "
+                           "differs from the training model")
+
+  t = interleaved({f"{side} {n}": (lambda: None, lambda _, run=run, n=n:
+                                   run(n))
+                   for side, run in runs.items() for n in (s1, s2)},
+                  repeats=c["ragged_repeats"], warmup=config["warmup"])
+  per_token = {side: (t[f"{side} {s2}"] - t[f"{side} {s1}"]) / (s2 - s1)
+               for side in runs}
+  results["ragged_generate_ratio"] = per_token["ragged"] / per_token["uniform"]
+  results["ragged_generate_ratio_same_conversion"] = (
+      per_token["ragged"] / per_token["rows_full"])
+  results["rows_generate_ratio_vs_uniform"] = (
+      per_token["rows_full"] / per_token["uniform"])
+  for side, s in per_token.items():
+    results[f"generate_ms_per_token_{side}"] = 1e3 * s
+  log(f"  generate, ms/token (prompts {p} or ragged 1..{p}, {s2} - {s1} "
+      "steps): " + ", ".join(f"{side} {1e3 * s:.3f}"
+                             for side, s in per_token.items()))
+
+
 def plot(latency, seconds_by_depth, path):
   import matplotlib
   matplotlib.use("Agg")
@@ -558,7 +738,11 @@ def main(argv=None):
   log("lru ...")
   bench_lru(config, results)
   log("transformer ...")
-  _, pair, params, tokens, latency = bench_transformer(config, results)
+  model, pair, params, tokens, latency = bench_transformer(config, results)
+  log("extend and chunked prefill ...")
+  bench_extend(config, results, model, pair, params, tokens)
+  log("ragged rows ...")
+  bench_ragged(config, results, model, pair, params, tokens)
   log("torch ...")
   bench_torch(config, results, pair, params, tokens)
   log("conversion ...")

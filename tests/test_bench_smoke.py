@@ -17,6 +17,10 @@ def test_bench_smoke_writes_every_figure_and_the_plot(tmp_path):
   assert written["smoke"] == 1
   # the carry sizes are exact, not timings: the derived carry is the cache
   assert written["transformer_carry_bytes_ratio"] > 0
+  # ratios of two timings (the ragged figures are differences of timings:
+  # at smoke sizes they may be noise of either sign)
+  for key in ["extend8_over_step", "chunked_prefill_ratio"]:
+    assert written[key] > 0, key
   png = (tmp_path / "bench.png").read_bytes()
   assert png.startswith(b"\x89PNG") and len(png) > 1000
 
@@ -29,5 +33,8 @@ def test_required_keys_name_every_figure_of_the_issue():
               "convert_compile_ratio_24_layers", "torch_step_ratio",
               "torch_run_speedup", "convert_seconds_2_layers",
               "convert_seconds_6_layers", "convert_seconds_12_layers",
-              "convert_seconds_24_layers"]:
+              "convert_seconds_24_layers", "extend8_over_step",
+              "chunked_prefill_ratio", "ragged_generate_ratio",
+              "ragged_generate_ratio_same_conversion",
+              "rows_generate_ratio_vs_uniform"]:
     assert key in keys
