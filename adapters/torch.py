@@ -7,7 +7,8 @@ Three things, all built on DLPack directly (``torch.from_dlpack`` and
   autograd through ``jax.vjp``.
 * :class:`TorchStepper` runs a derived step (a ``StepPair`` from
   :mod:`adapters.haiku`) from PyTorch code: the carry stays on the JAX side
-  and is donated to the next call; only ``x`` and ``y`` cross.
+  and is donated to the next call; only ``x`` and ``y`` (and blocks of
+  elements for ``extend`` and ``run``) cross.
 * :func:`export_step` / :func:`load_step` write a step, its prefills and its
   parameters to one file with ``jax.export``, to load where neither the
   model's code nor Haiku is importable.
@@ -393,8 +394,8 @@ def _plain_tensor_spec(spec):
 
 # -- TorchStepper --------------------------------------------------------------
 class _Compiled:
-  """The jitted init, prefill, step and run of one pair; step and run donate
-  the carry (argument 1)."""
+  """The jitted init, prefill, step, run and extend of one pair; step, run
+  and extend donate the carry (argument 1)."""
 
   def __init__(self, pair):
     axis = pair.axis
@@ -412,11 +413,23 @@ class _Compiled:
                            xs)
       return carry, jax.tree.map(lambda y: jnp.moveaxis(y, 0, axis), ys)
 
+    def prefill(unscanned, prompt, lengths):
+      if lengths is None:                  # (an ExportedPair takes none)
+        return pair_ref().prefill(*unscanned, prompt)
+      return pair_ref().prefill(*unscanned, prompt, lengths=lengths)
+
+    def extend(unscanned, carry, block, lengths):
+      pair = pair_ref()
+      if not hasattr(pair, "extend"):      # an ExportedPair: steps, no rows
+        return run(unscanned, carry, block)
+      return pair.extend(*unscanned, carry, block, lengths=lengths)
+
     self.init = jax.jit(lambda u: pair_ref().init(*u))
-    self.prefill = jax.jit(lambda u, prompt: pair_ref().prefill(*u, prompt))
+    self.prefill = jax.jit(prefill)
     self.step = jax.jit(lambda u, carry, x: pair_ref().step(*u, carry, x),
                         donate_argnums=1)
     self.run = jax.jit(run, donate_argnums=1)
+    self.extend = jax.jit(extend, donate_argnums=1)
 
 
 def _compiled_for(pair):
@@ -450,8 +463,14 @@ class TorchStepper:
 
   Attributes:
     axis: the time axis of prompts, of ``run``'s inputs and of the outputs.
-    length: L, the most positions the step serves.
-    position: the number of elements seen since the last :meth:`reset`.
+    batch_axis: the pair's axis of independent rows, or None (then
+      ``lengths`` are refused). Loaded exports have None.
+    length: L, the length of the example the pair was converted with.
+    max_length: L when the state needs it (the most positions served), None
+      when it does not (RNN carries, convolution queues: no limit).
+    position: the number of elements seen since the last :meth:`reset` (with
+      per-row ``lengths``, by the row that has seen most); ``positions``:
+      per row, ``[B]`` ints with ``batch_axis``.
     carry: the current carry (JAX arrays; donated by the next call).
 
   Example:
@@ -464,12 +483,17 @@ class TorchStepper:
     [[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]
     >>> stepper(torch.ones(2)).tolist()
     [4.0, 4.0]
+    >>> stepper.extend(torch.ones(2, 2)).tolist()
+    [[5.0, 5.0], [6.0, 6.0]]
   """
 
   def __init__(self, pair, params, state=None):
     self.pair = pair
     self.axis = pair.axis
     self.length = pair.length
+    self.batch_axis = getattr(pair, "batch_axis", None)
+    self.max_length = getattr(pair, "max_length", pair.length)
+    self._limit = float("inf") if self.max_length is None else self.max_length
     has_state = bool(getattr(pair, "has_state", False))
     if has_state and state is None:
       raise TypeError("this pair's model has state (hk.transform_with_state):"
@@ -484,32 +508,113 @@ class TorchStepper:
     self._fns = _compiled_for(pair)
     self.carry = None
     self.position = 0
+    self._lag = None      # per row: how far behind ``position`` (ragged)
     self.reset()
 
-  def reset(self, prompt=None):
+  @property
+  def positions(self):
+    """Elements seen per row: ``[B]`` ints (NumPy) with ``batch_axis``, else
+    the int :attr:`position`."""
+    if self.batch_axis is None:
+      return self.position
+    rows = self.pair._num_rows(self.pair.xs_spec)
+    lag = 0 if self._lag is None else self._lag
+    return np.full(rows, self.position, np.int64) - lag
+
+  def reset(self, prompt=None, lengths=None):
     """Starts a new sequence, with a prompt or empty.
 
     Args:
       prompt: None, or a tensor (pytree) of P elements along ``axis``,
         0 <= P <= L.
+      lengths: with a prompt and a pair with ``batch_axis``: ``[B]`` ints in
+        [0, P] (a tensor, array or list); row b's prompt is its first
+        ``lengths[b]`` elements, the rest padding.
     Returns:
       None without a prompt; with one, the outputs for the prompt (torch
-      tensors, P elements along ``axis``).
+      tensors, P elements along ``axis``; 0 at a row's padded positions).
+
+    Example:
+      >>> import jax.numpy as jnp, torch
+      >>> from adapters.haiku import StepPair
+      >>> pair = StepPair(lambda w, xs: jnp.cumsum(xs, 1) * w, (1.0,),
+      ...                 jnp.ones((2, 6)), axis=1, batch_axis=0)
+      >>> stepper = TorchStepper(pair, 1.0)
+      >>> stepper.reset(torch.ones(2, 3), lengths=torch.tensor([3, 1]))
+      tensor([[1., 2., 3.],
+              [1., 0., 0.]])
+      >>> stepper.extend(torch.ones(2, 2), lengths=[1, 2]), stepper.positions
+      (tensor([[4., 0.],
+              [2., 3.]]), array([4, 3]))
     """
     if prompt is None:
+      if lengths is not None:
+        raise TypeError("reset: lengths needs a prompt")
       self.carry = self._fns.init(self._unscanned)
-      self.position = 0
+      self.position, self._lag = 0, None
       return None
     leaves, tree_def, p = _check_tree("prompt", prompt, self._element,
                                       self.axis, (0, self.length))
-    self.carry, out = self._fns.prefill(
-        self._unscanned, jax.tree.unflatten(tree_def, leaves))
-    self.position = p
+    prompt = jax.tree.unflatten(tree_def, leaves)
+    lengths = self._lengths(lengths, prompt, "reset")
+    self.carry, out = self._fns.prefill(self._unscanned, prompt, lengths)
+    self.position, self._lag = 0, None
+    self._advance(p, lengths)
     return jax.tree.map(to_torch, out)
+
+  def extend(self, block, lengths=None):
+    """Runs a block of k >= 1 elements at once, continuing the sequence
+    (the next turn of a conversation, a chunk of a long prompt).
+
+    Args:
+      block: a tensor (pytree) of k elements along ``axis``.
+      lengths: with a pair with ``batch_axis``: ``[B]`` ints in [0, k]; row
+        b takes its first ``lengths[b]`` elements (0: it stays).
+    Returns:
+      The outputs for the block (torch tensors, k elements along ``axis``; 0
+      at a row's padded positions), as k calls give them.
+    """
+    leaves, tree_def, k = _check_tree("block", block, self._element,
+                                      self.axis, (1, float("inf")))
+    block = jax.tree.unflatten(tree_def, leaves)
+    lengths = self._lengths(lengths, block, "extend")
+    end = self.positions + (k if lengths is None else np.asarray(lengths))
+    if np.any(end > self._limit):
+      raise ValueError(
+          f"extend: this block would compute position "
+          f"{int(np.max(end)) - 1}, but the step serves at most "
+          f"L={self.max_length} positions (0 to {self.max_length - 1}): call "
+          "reset(), or convert with a longer example")
+    self.carry, ys = self._fns.extend(self._unscanned, self.carry, block,
+                                      lengths)
+    self._advance(k, lengths)
+    return jax.tree.map(to_torch, ys)
+
+  def _lengths(self, lengths, block, what):
+    """``lengths`` checked against ``block`` as an int32 JAX array."""
+    if lengths is None:
+      return None
+    if self.batch_axis is None:
+      exported = ("" if hasattr(self.pair, "extend") else
+                  " (a loaded export takes no lengths)")
+      raise TypeError(
+          f"{what}: lengths (one per row) needs a pair with rows: convert the "
+          f"model with to_step(..., batch_axis=...){exported}")
+    if isinstance(lengths, torch.Tensor):
+      lengths = lengths.detach().cpu().numpy()
+    return self.pair._lengths(np.asarray(lengths), block, what)
+
+  def _advance(self, k, lengths):
+    if lengths is None:
+      self.position += int(k)
+      return
+    positions = self.positions + np.asarray(lengths)
+    self.position = int(np.max(positions, initial=0))
+    self._lag = self.position - positions
 
   def __call__(self, x):
     """One step: ``x`` is one element (``axis`` removed); returns ``y``."""
-    if self.position >= self.length:
+    if self.position >= self._limit:
       raise ValueError(f"the step serves at most L={self.length} positions "
                        f"and {self.position} were used: call reset()")
     x_in = self._plain_x_view(x)
@@ -542,12 +647,13 @@ class TorchStepper:
     """Many steps in one dispatch (a compiled ``lax.scan``).
 
     Args:
-      xs: N elements stacked along ``axis`` (N >= 1, position + N <= L).
+      xs: N elements stacked along ``axis`` (N >= 1, position + N <= L when
+        ``max_length`` is not None).
     Returns:
       The N outputs stacked along ``axis``: the same as N calls.
     """
     leaves, tree_def, n = _check_tree("xs", xs, self._element, self.axis,
-                                      (1, self.length - self.position))
+                                      (1, self._limit - self.position))
     self.carry, ys = self._fns.run(self._unscanned, self.carry,
                                    jax.tree.unflatten(tree_def, leaves))
     self.position += n
@@ -731,6 +837,7 @@ def export_step(pair, params, path, *, state=None, prompt_lengths=(),
       "y_tree": _skeleton(y_def), "out_tree": _skeleton(out_def),
       "out_specs_at_1": [_spec_json(s) for s in out_leaves],
       "params": [_spec_json(s) for s in u_specs],
+      "max_length": getattr(pair, "max_length", length),
       "prefill": prefill_info,
       "functions": sorted(exported),
   }
@@ -745,8 +852,8 @@ def export_step(pair, params, path, *, state=None, prompt_lengths=(),
 
 class ExportedPair:
   """A step pair read from an :func:`export_step` file: the interface
-  :class:`TorchStepper` needs (``axis``, ``length``, ``init``, ``prefill``,
-  ``step``, ``carry_spec``), over deserialized ``jax.export`` functions.
+  :class:`TorchStepper` needs (``axis``, ``length``, ``max_length``,
+  ``init``, ``prefill``, ``step``, ``carry_spec``), over deserialized ``jax.export`` functions.
   Its unscanned argument is the flat list of parameter (and state) arrays;
   its carry is a flat list of arrays.
 
@@ -774,6 +881,7 @@ class ExportedPair:
     self.meta = meta
     self.axis = meta["axis"]
     self.length = meta["length"]
+    self.max_length = meta.get("max_length", self.length)
     self._x_def = _structure(meta["x_tree"])
     self._y_def = _structure(meta["y_tree"])
     self._out_def = _structure(meta["out_tree"])

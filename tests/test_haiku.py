@@ -448,3 +448,277 @@ def test_torch_stepper_runs_a_haiku_pair(conv):
   y = stepper(torch.from_dlpack(ids[:, 3]))
   np.testing.assert_allclose(out.numpy(), want[:, :3], rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(y.numpy(), want[:, 3], rtol=1e-4, atol=1e-4)
+
+
+# -- rows: batch_axis and per-row lengths --------------------------------------
+# Batch-major token models [B, T] -> [B, T, V] converted with batch_axis=0,
+# axis=1 (and one time-major LSTM, batch_axis=1, axis=0). Row b of a ragged
+# call must equal the model applied to row b's own sequence.
+RB, RL = 3, 8
+
+
+def _rows_transformer(ids):
+  t = ids.shape[1]
+  x = _embed(ids) + hk.get_parameter(
+      "position", [RL, D], init=hk.initializers.RandomNormal())[jnp.arange(t)]
+  mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+  h = hk.LayerNorm(-1, create_scale=True, create_offset=True)(x)
+  x = x + hk.MultiHeadAttention(
+      num_heads=2, key_size=4, w_init=hk.initializers.VarianceScaling())(
+          h, h, h, mask=mask)
+  return _head(x + hk.nets.MLP([16, D])(x))
+
+
+def _rows_lstm(ids, time_major=False):
+  # The head has no bias: hk.Linear broadcasts its bias to the sequence's
+  # shape, which the core counts as a length-L table (max_length L).
+  return hk.Linear(V, with_bias=False)(
+      _unroll(hk.LSTM(D), _embed(ids), time_major))
+
+
+RowsCase = collections.namedtuple("RowsCase",
+                                  "name model pair params axis rows apply")
+
+
+@functools.lru_cache(maxsize=None)
+def _rows_case(name):
+  forward, axis, rows = {
+      "transformer": (_rows_transformer, 1, 0),
+      "lstm": (_rows_lstm, 1, 0),
+      "lstm_time_major": (functools.partial(_rows_lstm, time_major=True),
+                          0, 1),
+  }[name]
+  model = hk.without_apply_rng(hk.transform(forward))
+  ids = _rows_ids(0, axis)
+  params = model.init(jax.random.key(0), ids)
+  pair = to_step(model, ids, axis=axis, batch_axis=rows)
+  return RowsCase(name, model, pair, params, axis, rows,
+                  jax.jit(model.apply))
+
+
+def _rows_ids(seed, axis=1, length=RL):
+  shape = (RB, length) if axis == 1 else (length, RB)
+  return jax.random.randint(jax.random.key(seed), shape, 0, V, jnp.int32)
+
+
+def _row(case, x, b):
+  """Row b of x (a block or outputs) as a batch of one, [1, T, ...] (or
+  [T, 1, ...] time-major)."""
+  return jax.lax.slice_in_dim(x, b, b + 1, axis=case.rows)
+
+
+def _row_seq(case, x, b, n):
+  """Row b's first n elements, as a batch of one."""
+  return _slice(_row(case, x, b), 0, n, case.axis)
+
+
+def _row_apply(case, seq):
+  """The model on one row's sequence (a batch of one): its outputs for that
+  row, [T, V]."""
+  out = case.apply(case.params, seq)
+  return jnp.take(out, 0, axis=case.rows)
+
+
+def _check_row_block(case, ys, b, start, n, want):
+  """Row b of a block's outputs: the model's outputs at positions start ..
+  start + n - 1 of the row's own sequence, then exactly 0."""
+  got = jnp.take(ys, b, axis=case.rows)           # [k, V]
+  if n:
+    np.testing.assert_allclose(got[:n], want[start:start + n], rtol=1e-4,
+                               atol=1e-4, err_msg=f"row {b}")
+  assert (got[n:] == 0).all(), f"row {b}: padded outputs are not 0"
+
+
+@pytest.mark.parametrize("name", ["transformer", "lstm", "lstm_time_major"])
+@pytest.mark.parametrize("p, lengths", [(RL, [0, RL, 3]), (5, [2, 0, 5])])
+def test_ragged_prefill_equals_each_row_alone(name, p, lengths):
+  case = _rows_case(name)
+  ids = _slice(_rows_ids(20, case.axis), 0, p, case.axis)
+  carry, out = case.pair.prefill(case.params, ids, lengths=lengths)
+  assert case.pair.positions(carry).tolist() == lengths
+  assert out.shape == ((RB, p, V) if case.axis == 1 else (p, RB, V))
+  for b, n in enumerate(lengths):
+    want = _row_apply(case, _row_seq(case, ids, b, n)) if n else None
+    _check_row_block(case, out, b, 0, n, want)
+
+
+@pytest.mark.parametrize("name", ["transformer", "lstm"])
+def test_extend_after_ragged_prefill_equals_each_row_alone(name):
+  """Three turns of different lengths per row, then a step: each row's
+  outputs are the model's on that row's concatenated turns."""
+  case = _rows_case(name)
+  pair, params = case.pair, case.params
+  turns = [(_rows_ids(21, length=4), [2, 0, 4]),
+           (_rows_ids(22, length=3), [3, 2, 0]),
+           (_rows_ids(23, length=2), None)]          # every row takes both
+  x = _rows_ids(24, length=1)[:, 0]
+  seqs = [jnp.concatenate([t[b, :RL if n is None else n[b]]
+                           for t, n in turns] + [x[b:b + 1]])
+          for b in range(RB)]
+  wants = [_row_apply(case, s[None]) for s in seqs]
+
+  carry, ys = pair.prefill(params, turns[0][0], lengths=turns[0][1])
+  starts = np.zeros(RB, int)
+  for i, (block, lengths) in enumerate(turns):
+    if i:
+      carry, ys = pair.extend(params, carry, block, lengths=lengths)
+    ns = [block.shape[1]] * RB if lengths is None else lengths
+    for b in range(RB):
+      _check_row_block(case, ys, b, starts[b], ns[b], wants[b])
+    starts += ns
+    assert pair.positions(carry).tolist() == starts.tolist()
+  carry, y = pair.step(params, carry, x)
+  for b in range(RB):
+    np.testing.assert_allclose(y[b], wants[b][starts[b]], rtol=1e-4,
+                               atol=1e-4)
+  assert pair.positions(carry).tolist() == (starts + 1).tolist()
+
+
+def _greedy_alone(case, seq, steps):
+  """Greedy generation for one row by re-running the model on the growing
+  sequence (seq: [1, n])."""
+  out = []
+  for _ in range(steps):
+    x = greedy(None, case.apply(case.params, seq)[:, -1])
+    out.append(int(x[0]))
+    seq = jnp.concatenate([seq, x[:, None]], axis=1)
+  return out
+
+
+@pytest.mark.parametrize("name", ["transformer", "lstm"])
+def test_generate_with_lengths_equals_each_row_alone(name):
+  case = _rows_case(name)
+  lengths, steps = [1, 5, 3], 4                 # max(lengths) + steps - 1 = RL
+  prompt = _rows_ids(25, length=5)
+  got = case.pair.generate(case.params, prompt, steps, greedy,
+                           jax.random.key(0), lengths=lengths)
+  assert got.shape == (RB, steps)
+  for b, n in enumerate(lengths):
+    assert got[b].tolist() == _greedy_alone(
+        case, prompt[b:b + 1, :n], steps), f"row {b}"
+  alone = case.pair.generate(case.params, prompt[2:, :3], steps, greedy)
+  assert alone[0].tolist() == got[2].tolist()    # the pair, on one row
+
+
+def test_stepper_reset_with_lengths_extend_and_steps():
+  case = _rows_case("transformer")
+  stepper = case.pair.bind(case.params)
+  assert stepper.positions.tolist() == [0] * RB
+  prompt, block = _rows_ids(26, length=5), _rows_ids(27, length=2)
+  xs = _rows_ids(28, length=2)
+  lengths, more = [3, 0, 5], [2, 1, 0]
+  seqs = [jnp.concatenate([prompt[b, :lengths[b]], block[b, :more[b]],
+                           xs[b]]) for b in range(RB)]
+  wants = [_row_apply(case, s[None]) for s in seqs]
+
+  out = stepper.reset(prompt, lengths=lengths)
+  assert stepper.positions.tolist() == lengths and stepper.position == 5
+  for b in range(RB):
+    _check_row_block(case, out, b, 0, lengths[b], wants[b])
+  old = stepper.carry
+  ys = stepper.extend(block, lengths=more)
+  assert all(leaf.is_deleted() for leaf in jax.tree.leaves(old))  # donated
+  for b in range(RB):
+    _check_row_block(case, ys, b, lengths[b], more[b], wants[b])
+  starts = np.add(lengths, more)
+  assert stepper.positions.tolist() == starts.tolist()
+  for t in range(2):
+    y = stepper(xs[:, t])
+    for b in range(RB):
+      np.testing.assert_allclose(y[b], wants[b][starts[b] + t], rtol=1e-4,
+                                 atol=1e-4)
+  assert stepper.positions.tolist() == (starts + 2).tolist()
+  assert stepper.position == 7
+  with pytest.raises(ValueError, match=f"position 8 .*L={RL}"):
+    stepper.extend(block)                   # row 2 would reach position 8
+  assert stepper.reset() is None and stepper.positions.tolist() == [0] * RB
+
+
+def test_lengths_without_batch_axis_is_a_type_error(conv):
+  pair, params, ids = conv.pair, conv.params, _ids(1, 29)
+  carry = pair.init(params)
+  stepper = pair.bind(params)
+  calls = [lambda: pair.prefill(params, ids[:, :3], lengths=[1, 3]),
+           lambda: pair.extend(params, carry, ids[:, :3], lengths=[1, 3]),
+           lambda: pair.generate(params, ids[:, :3], 2, greedy,
+                                 lengths=[1, 3]),
+           lambda: stepper.reset(ids[:, :3], lengths=[1, 3]),
+           lambda: stepper.extend(ids[:, :3], lengths=[1, 3])]
+  calls.append(lambda: pair.init(params, batch_size=4))
+  for call in calls:
+    with pytest.raises(TypeError, match="batch_axis"):
+      call()
+  assert stepper.position == 0
+
+
+def test_bad_lengths_are_refused():
+  case = _rows_case("lstm")
+  pair, params, ids = case.pair, case.params, _rows_ids(30)
+  with pytest.raises(ValueError, match=r"\[3\] integers"):
+    pair.prefill(params, ids, lengths=[1, 2])
+  with pytest.raises(ValueError, match=r"\[3\] integers"):
+    pair.prefill(params, ids, lengths=[1.0, 2.0, 3.0])
+  with pytest.raises(ValueError, match=r"lie in \[0, 4\]"):
+    pair.prefill(params, ids[:, :4], lengths=[1, 5, 0])
+  with pytest.raises(ValueError, match=r"lie in \[1, 4\]"):
+    pair.generate(params, ids[:, :4], 2, greedy, lengths=[1, 0, 2])
+  with pytest.raises(ValueError, match="at least one element"):
+    pair.extend(params, pair.init(params), ids[:, :0], lengths=[0, 0, 0])
+  with pytest.raises(TypeError, match="needs a prompt"):
+    pair.bind(params).reset(lengths=[1, 1, 1])
+  assert pair.positions(pair.init(params)).tolist() == [0] * RB
+  assert pair.positions(pair.init(params, batch_size=5)).shape == (5,)
+
+
+def test_lstm_generates_and_steps_past_L():
+  """The LSTM's state does not depend on L: generation and steps go on past
+  L and equal the training mode run at that longer length."""
+  case = _rows_case("lstm")
+  pair = case.pair
+  assert pair.max_length is None and pair.length == RL
+  p, steps = 3, RL                                  # P + steps - 1 = RL + 2
+  prompt = _rows_ids(31, length=p)
+  got = pair.generate(case.params, prompt, steps, greedy)
+  for b in range(RB):
+    assert got[b].tolist() == _greedy_alone(case, prompt[b:b + 1], steps)
+  lengths = [1, 3, 2]
+  got = pair.generate(case.params, prompt, steps, greedy, lengths=lengths)
+  for b, n in enumerate(lengths):
+    assert got[b].tolist() == _greedy_alone(case, prompt[b:b + 1, :n], steps)
+  # the stepper and extend go on past L too
+  ids = _rows_ids(32, length=RL + 4)
+  want = case.apply(case.params, ids)
+  stepper = pair.bind(case.params)
+  np.testing.assert_allclose(stepper.reset(ids[:, :RL]), want[:, :RL],
+                             rtol=1e-4, atol=1e-4)
+  ys = [stepper(ids[:, t]) for t in range(RL, RL + 2)]
+  ys.append(stepper.extend(ids[:, RL + 2:]))
+  np.testing.assert_allclose(jnp.concatenate([jnp.stack(ys[:2], 1), ys[2]],
+                                             1), want[:, RL:], rtol=1e-4,
+                             atol=1e-4)
+  assert stepper.position == RL + 4
+
+
+def test_attention_refuses_to_go_past_L():
+  case = _rows_case("transformer")
+  pair, params = case.pair, case.params
+  assert pair.max_length == RL
+  prompt = _rows_ids(33, length=3)
+  assert pair.generate(params, prompt, RL - 2,       # 3 + 6 - 1 = L: fits
+                       greedy).shape == (RB, RL - 2)
+  with pytest.raises(ValueError, match=f"L={RL}"):
+    pair.generate(params, prompt, RL - 1, greedy)
+  with pytest.raises(ValueError, match=f"L={RL}"):
+    pair.generate(params, prompt, RL - 1, greedy, lengths=[1, 3, 2])
+  assert pair.generate(params, prompt, RL - 1, greedy,
+                       lengths=[1, 2, 2]).shape == (RB, RL - 1)
+  carry, _ = pair.prefill(params, _rows_ids(34, length=6), lengths=[6, 2, 4])
+  with pytest.raises(ValueError, match=f"position 8 \\(row 0\\).*L={RL}"):
+    pair.extend(params, carry, _rows_ids(35, length=3))
+  carry, _ = pair.extend(params, carry, _rows_ids(35, length=3),
+                         lengths=[2, 3, 0])
+  assert pair.positions(carry).tolist() == [8, 5, 4]
+  stepper = pair.bind(params)
+  stepper.reset(_rows_ids(36))
+  with pytest.raises(ValueError, match="full"):
+    stepper(_rows_ids(36)[:, 0])
