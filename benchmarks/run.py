@@ -37,11 +37,11 @@ JSON keys (figure name -> number):
     call, made untimed), bench transformer (target <= 2.5).
   chunked_prefill_ratio: a prompt of L=512 tokens as a prefill of 128 and 3
     extends of 128 / one prefill of 512 (target <= 1.3).
-  ragged_generate_ratio: per-token time of greedy generation from prompts of
-    lengths drawn from 1..128 per row (the conversion with rows,
-    batch_axes=0, prefill with lengths=) / from prompts of 128 in every row
-    (the conversion without rows); per-token time is (time of 80 steps -
-    time of 16 steps) / 64, so the prefill cancels (target <= 1.15).
+  ragged_generate_ratio: per-token time of greedy pair.generate from prompts
+    of lengths drawn from 1..128 per row (to_step(..., batch_axis=0),
+    generate(..., lengths=)) / from prompts of 128 in every row (the
+    conversion without rows); per-token time is (time of 80 steps - time of
+    16 steps) / 64, so the prefill cancels (target <= 1.15).
   ragged_generate_ratio_same_conversion: the same ragged generation / rows
     all at 128 with the same (rows) conversion: the cost of raggedness;
     rows_generate_ratio_vs_uniform: rows all at 128 with the rows conversion
@@ -83,9 +83,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-import scanagram
 from adapters.haiku import to_step
 from benchmarks import baselines, models
 from benchmarks.timing import interleaved, interleaved_calls, seconds
@@ -582,36 +580,12 @@ def bench_extend(config, results, model, pair, params, tokens):
       f"ratio {t['chunked'] / t['whole']:.2f}")
 
 
-def generator(fns):
-  """Jitted greedy ``generate(params, prompt, lengths, steps) -> [B,
-  steps]``, one compiled loop on the core API: prefill (row b's prompt is
-  its first ``lengths[b]`` tokens when ``lengths`` is given), the first
-  token from each row's last prompt output, then ``steps - 1`` steps in a
-  ``lax.scan``."""
-  def generate(params, prompt, lengths, steps):
-    carry, out = fns.prefill(params, prompt, lengths=lengths)
-    if lengths is None:
-      last = out[:, -1]
-    else:
-      last = out[jnp.arange(out.shape[0]), lengths - 1]
-    first = greedy(None, last)
-
-    def body(state, _):
-      carry, token = state
-      carry, logits = fns.step(params, carry, token)
-      token = greedy(None, logits)
-      return (carry, token), token
-    _, rest = lax.scan(body, (carry, first), None, length=steps - 1)
-    return jnp.concatenate([first[None], rest], 0).T
-  return jax.jit(generate, static_argnums=3)
-
-
 def bench_ragged(config, results, model, pair, params, tokens):
-  """Generation from prompts of different lengths per row (the conversion
-  with rows, ``batch_axes=0``, ``lengths=``) against generation from
-  prompts all of the longest length (the conversion without rows): per-token
-  time as (time of S2 steps - time of S1 steps) / (S2 - S1), so that the
-  prefill cancels."""
+  """``pair.generate`` from prompts of different lengths per row (the
+  conversion with rows, ``to_step(..., batch_axis=0)``, ``lengths=``)
+  against the same from prompts all of the longest length (the conversion
+  without rows). Per-token time is (time of S2 steps - time of S1 steps) /
+  (S2 - S1), so that the prefill cancels."""
   c, b = config["transformer"], config["batch"]
   p = c["ragged_prompt"]
   s1, s2 = c["ragged_steps"]
@@ -620,14 +594,13 @@ def bench_ragged(config, results, model, pair, params, tokens):
   full = jnp.full((b,), p, jnp.int32)
   prompt = tokens[:, :p]
   fun = lambda params, xs: model.apply(params, None, xs)  # noqa: E731
-  spec = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype)
-  rows = scanagram.to_step(fun, params, spec, in_axes=(None, 1), out_axes=1,
-                           batch_axes=(None, 0), out_batch_axes=0)
-  uniform = generator(pair.functions)
-  ragged = generator(rows)
-  runs = {"uniform": lambda n: uniform(params, prompt, None, n),
-          "ragged": lambda n: ragged(params, prompt, lengths, n),
-          "rows_full": lambda n: ragged(params, prompt, full, n)}
+  rows = to_step(model, jax.ShapeDtypeStruct(tokens.shape, tokens.dtype),
+                 axis=1, batch_axis=0)
+  runs = {"uniform": lambda n: pair.generate(params, prompt, n, greedy),
+          "ragged": lambda n: rows.generate(params, prompt, n, greedy,
+                                            lengths=lengths),
+          "rows_full": lambda n: rows.generate(params, prompt, n, greedy,
+                                               lengths=full)}
 
   # checks: the rows at full length generate what the uniform conversion
   # does; each ragged row generates what the training model predicts from
@@ -638,16 +611,16 @@ def bench_ragged(config, results, model, pair, params, tokens):
                         got["uniform"][:, :head]):
     raise AssertionError("ragged generate: rows at full length differ from "
                          "the uniform conversion")
-  n = np.asarray(lengths)
+  ends = np.asarray(lengths)
   seqs = np.zeros((b, p + s1), np.int32)
-  for r in range(b):
-    seqs[r, :n[r]] = np.asarray(prompt[r, :n[r]])
-    seqs[r, n[r]:n[r] + s1] = got["ragged"][r]
+  for r, e in enumerate(ends):
+    seqs[r, :e] = np.asarray(prompt[r, :e])
+    seqs[r, e:e + s1] = got["ragged"][r]
   logits = jax.jit(fun)(params, jnp.asarray(seqs))
-  for r in range(b):
-    predicted = np.asarray(greedy(None, logits[r, n[r] - 1:n[r] - 1 + head]))
+  for r, e in enumerate(ends):
+    predicted = np.asarray(greedy(None, logits[r, e - 1:e - 1 + head]))
     if not np.array_equal(predicted, got["ragged"][r, :head]):
-      raise AssertionError(f"ragged generate: row {r} (prompt of {n[r]}) "
+      raise AssertionError(f"ragged generate: row {r} (prompt of {e}) "
                            "differs from the training model")
 
   t = interleaved({f"{side} {n}": (lambda: None, lambda _, run=run, n=n:
