@@ -298,12 +298,31 @@ class StepFunctions:
     return self._jit[key]
 
   def _prefill(self, lengths, *args):
-    """Per row (vmapped over rows with batch_axes)."""
     leaves = jax.tree.leaves(list(args))
     k = self._block_size(leaves)
-    carry, ys = self._per_row(
-        lambda _, count, *leaves: self._run_block(None, leaves, k, count),
-        lengths, leaves)
+
+    # A fresh block holds the elements the training mode has: a value
+    # running ahead by a holds none past L. A state that serves past L
+    # needs them, so the last a elements run as a block on the state.
+    split = k
+    if self.max_length is None:
+      ahead = self._converted.context.get("max_ahead", 0)
+      split = max(0, min(k, self.length - ahead))
+
+    def run(_, count, *leaves):
+      if split == k:
+        return self._run_block(None, leaves, k, count)
+      head = [x if a is None else lax.slice_in_dim(x, 0, split, axis=a)
+              for x, a in zip(leaves, self._time_axes)]
+      tail = [x if a is None else lax.slice_in_dim(x, split, k, axis=a)
+              for x, a in zip(leaves, self._time_axes)]
+      first = None if count is None else jnp.minimum(count, split)
+      carry, ys = self._run_block(None, head, split, first)
+      carry, last = self._run_block(
+          carry, tail, k - split, None if count is None else count - first)
+      return carry, [lax.concatenate([y, z], axis) for y, z, (axis, _) in
+                     zip(ys, last, self._outputs)]
+    carry, ys = self._per_row(run, lengths, leaves)
     return carry, jax.tree.unflatten(self._out_tree, ys)
 
   def _extend(self, carry, lengths, *args):
@@ -536,8 +555,10 @@ class StepFunctions:
           ks.add(shape[axis])
           if shape[axis] > self.length and what == "prompt":
             # (a longer block on a state that needs no L is fine)
-            raise ValueError(f"{name}: the block has {shape[axis]} elements "
-                             f"along axis {axis}, more than L={self.length}")
+            raise ValueError(
+                f"{name}: the prompt has {shape[axis]} elements along axis "
+                f"{axis}, more than L={self.length}: it would compute "
+                f"position {shape[axis] - 1} (prefill up to L, then extend)")
           want[axis] = shape[axis]
       if shape != tuple(want):
         raise ValueError(f"{name}: expected shape {tuple(want)}, got {shape}")

@@ -54,7 +54,8 @@ class Block:
 
   def span(self, size: int, ahead: int):
     """``(first, n)``: the elements a value with ``size`` elements along time,
-    running ``ahead``, holds in this block."""
+    running ``ahead``, holds in this block (in a fresh block its first ones,
+    as many as exist)."""
     if self.fresh:
       return 0, max(0, min(self.size + ahead, size))
     return self.start + ahead, self.size
@@ -101,16 +102,22 @@ def recording_length_uses():
     _LENGTH_USES.reset(token)
 
 
-def time_block(ctx: Block, x, axis: int, ahead: int = 0):
+def time_block(ctx: Block, x, axis: int, ahead: int = 0,
+               uniform: bool = False):
   """The part of an unscanned array ``x`` along ``axis`` (a full-length
   position table, mask or bias) that lines up with the elements a scanned
   value running ``ahead`` holds in block ``ctx``. Elements past the end are
   clamped to the last one; such positions are past L, whose outputs the
-  caller turns to NaN."""
+  caller turns to NaN. ``uniform``: ``x`` is the same at every position
+  (a parameter broadcast along time), so any of its elements serves and
+  the state does not need L for it."""
   size = x.shape[axis]
-  needs_length(f"an unscanned array of length {size} along time")
   first, n = ctx.span(size, ahead)
-  if ctx.fresh:
+  if uniform:
+    one = lax.slice_in_dim(x, 0, 1, axis=axis)
+    return jnp.broadcast_to(one, x.shape[:axis] + (n,) + x.shape[axis + 1:])
+  needs_length(f"an unscanned array of length {size} along time")
+  if ctx.fresh and n <= size:
     return lax.slice_in_dim(x, 0, n, axis=axis)
   if n == 1:
     return lax.dynamic_slice_in_dim(x, first, 1, axis)
@@ -182,6 +189,9 @@ def bind(eqn, invals, params=None):
 RULES: dict = {}
 HISTORY_RULES: dict = {}  # for equations with a History input (attention)
 _UNALIGNED: set = set()   # rules that line up their operands themselves
+# primitives that act element by element (rules/elementwise fills it): a
+# function of values uniform along an axis is uniform along it
+ELEMENTWISE_PRIMITIVES: set = set()
 
 
 def register(*primitives, history: bool = False, aligned: bool = True):
@@ -235,10 +245,11 @@ class Eqn:
   abstract values, values known at conversion time, and how to refuse."""
 
   def __init__(self, eqn, in_kinds, known_value, enclosing=(), context=None,
-               read=None):
+               read=None, uniform_along=None):
     self.eqn = eqn
     # whether each output is read later (by an equation or as an output of
     # the jaxpr); without the information, every one is
+    self._uniform_along = uniform_along
     self.outputs_read = tuple(
         not isinstance(v, jex_core.DropVar) and (read is None or v in read)
         for v in eqn.outvars)
@@ -258,6 +269,12 @@ class Eqn:
   def known(self, i: int) -> Optional[np.ndarray]:
     """Input ``i``'s value if it is a constant known at conversion time."""
     return self._known_value(self.eqn.invars[i])
+
+  def uniform(self, i: int, axis: int) -> bool:
+    """Whether unscanned input ``i`` is the same at every index along
+    ``axis`` (a parameter broadcast along time)."""
+    return bool(self._uniform_along and
+                self._uniform_along(self.eqn.invars[i], axis))
 
   def known_thunks(self):
     return [lambda v=v: self._known_value(v) for v in self.eqn.invars]
@@ -312,10 +329,12 @@ class ConvertedJaxpr:
         self.entries.append((eqn, converted, name))
         # what keeps state or shifts the sequence, innermost first (the
         # batch-axes check refuses both along rows)
-        if converted.stateful or any(
-            getattr(k, "ahead", 0) for k in out_kinds):
+        ahead = max([getattr(k, "ahead", 0) for k in out_kinds] + [0])
+        if converted.stateful or ahead:
           self.context.setdefault("carries_or_shifts", []).append(
               (eqn, self.enclosing))
+        self.context["max_ahead"] = max(ahead,
+                                        self.context.get("max_ahead", 0))
       for v, k in zip(eqn.outvars, out_kinds):
         kinds[v] = k
     self.kinds = kinds
@@ -341,7 +360,7 @@ class ConvertedJaxpr:
     try:
       converted = _aligned(rule, Eqn(eqn, in_kinds, self.known_value,
                                      self.enclosing, self.context,
-                                     self._read))
+                                     self._read, self.uniform_along))
     except ScanConversionError:
       raise
     except Exception as err:  # a rule bug must still name the user's line
@@ -353,6 +372,29 @@ class ConvertedJaxpr:
 
   def _refusal(self, eqn, why):
     return refusal(eqn, why, self.enclosing)
+
+  def uniform_along(self, var, axis: int) -> bool:
+    """Whether unscanned ``var`` is the same at every index along ``axis``:
+    broadcast along it, or an elementwise function of such values."""
+    if isinstance(var, jex_core.Literal) or not var.aval.shape:
+      return True
+    eqn = self._producer.get(var)
+    if eqn is None:
+      return False
+    if eqn.primitive.name == "broadcast_in_dim":
+      dims = list(eqn.params["broadcast_dimensions"])
+      if axis not in dims:
+        return True
+      source = dims.index(axis)
+      return (eqn.invars[0].aval.shape[source] == 1 or
+              self.uniform_along(eqn.invars[0], source))
+    if eqn.primitive in ELEMENTWISE_PRIMITIVES:
+      shape = var.aval.shape
+      return all(
+          isinstance(a, jex_core.Literal) or not a.aval.shape or (
+              a.aval.shape == shape and self.uniform_along(a, axis))
+          for a in eqn.invars)
+    return False
 
   # -- values known at conversion time (masks, position tables) -------------
   def known_value(self, var):

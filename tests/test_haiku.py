@@ -355,18 +355,25 @@ def test_stepper_donates_the_carry(conv):
 
 
 def test_stepper_refuses_to_step_past_L(conv):
-  stepper = conv.pair.bind(conv.params)
+  gpt = _case("gpt_block")      # attention: a buffer of L positions
+  stepper = gpt.pair.bind(gpt.params)
   stepper.reset(_ids(1, 9))
   with pytest.raises(ValueError, match="full"):
     stepper(_ids(1, 9)[:, 0])
+  # a causal convolution with biased layers keeps queues only: no L
+  assert conv.pair.functions.max_length is None
+  stepper = conv.pair.bind(conv.params)
+  stepper.reset(_ids(1, 9))
+  stepper(_ids(1, 9)[:, 0])
 
 
 def test_generate_errors(conv):
   ids = _ids(1, 10)
   with pytest.raises(ValueError, match="at least 1 element"):
     conv.pair.generate(conv.params, ids[:, :0], 2, greedy)
+  gpt = _case("gpt_block")
   with pytest.raises(ValueError, match="L=6"):
-    conv.pair.generate(conv.params, ids[:, :3], L - 1, greedy)
+    gpt.pair.generate(gpt.params, ids[:, :3], L - 1, greedy)
   with pytest.raises(TypeError, match="sample"):
     conv.pair.generate(conv.params, ids[:, :3], 2,
                        lambda k, y: jnp.argmax(y, -1).astype(jnp.float32))

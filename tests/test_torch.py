@@ -381,9 +381,6 @@ def test_stepper_goes_past_L_when_the_state_does_not_need_it(model):
   assert stepper.position == T + 5
 
 
-@pytest.mark.xfail(reason="core: after a prefill of exactly L elements a "
-                   "shift's delay line holds 0, not the last element, so "
-                   "the next step (past L) is wrong", strict=False)
 def test_step_past_L_after_a_full_length_prompt(model):
   pair, params, xs, _ = model
   longer = jnp.concatenate([xs, xs[:, :1] * 2], axis=1)

@@ -95,6 +95,15 @@ class Buffer:
                       ctx.count)
     return buf, buf
 
+  def _pad(self, x):
+    """Pads (or, for a value running ahead, cuts) ``x`` to L along time."""
+    n = x.shape[self.axis]
+    if n > self.size:
+      return lax.slice_in_dim(x, 0, self.size, axis=self.axis)
+    widths = [(0, 0)] * x.ndim
+    widths[self.axis] = (0, self.size - n)
+    return jnp.pad(x, widths)
+
   def _only_real(self, ctx, x, axis):
     """Zeros past the real elements of a right-padded row (``axis``: x's
     time axis), so that padding never enters a buffer (0 · unfilled = 0
@@ -107,11 +116,6 @@ class Buffer:
         [-1 if d == axis else 1 for d in range(x.ndim)])
     return jnp.where(keep, x, jnp.zeros_like(x))
 
-  def _pad(self, x):
-    widths = [(0, 0)] * x.ndim
-    widths[self.axis] = (0, self.size - x.shape[self.axis])
-    return jnp.pad(x, widths)
-
   def _write(self, buf, new, index, count):
     """Writes the first ``count`` (None: all) elements of ``new`` at
     ``index`` on. Elements past the end (a value running ahead computes them
@@ -119,6 +123,8 @@ class Buffer:
     dynamic_update_slice would clamp them onto, and replace, elements the
     remaining rows still read."""
     k = new.shape[self.axis]
+    if k > self.size:   # a block longer than L: the rest is past L
+      new, k = lax.slice_in_dim(new, 0, self.size, axis=self.axis), self.size
     if k == 1:
       slot = jnp.minimum(index, self.size - 1)
       keep = None if not self.ahead else index < self.size
@@ -128,14 +134,19 @@ class Buffer:
         old = lax.dynamic_slice_in_dim(buf, slot, 1, self.axis)
         new = jnp.where(keep, new, old)
       return lax.dynamic_update_slice_in_dim(buf, new, slot, self.axis)
-    if not self.ahead and count is None:
-      return lax.dynamic_update_slice_in_dim(buf, new, index, self.axis)
-    j = jnp.arange(k)
-    slots = index + j if count is None else jnp.where(j < count, index + j,
-                                                      self.size)
-    moved = jnp.moveaxis(buf, self.axis, 0)
-    moved = moved.at[slots].set(jnp.moveaxis(new, self.axis, 0), mode="drop")
-    return jnp.moveaxis(moved, 0, self.axis)
+    # one contiguous write that fits: at `start`, clamped, with the old
+    # elements kept where the block does not reach (slice-sized work, no
+    # scatter: XLA keeps the buffer's layout)
+    axis = self.axis
+    start = jnp.clip(index, 0, self.size - k)
+    source = jnp.arange(k) + start - index   # element of `new` at each slot
+    real = k if count is None else count
+    keep = ((source >= 0) & (source < real)).reshape(
+        [k if d == axis else 1 for d in range(new.ndim)])
+    shifted = jnp.take(new, jnp.clip(source, 0, k - 1), axis=axis)
+    old = lax.dynamic_slice_in_dim(buf, start, k, axis)
+    return lax.dynamic_update_slice_in_dim(
+        buf, jnp.where(keep, shifted, old), start, axis)
 
 
 class RingBuffer(Buffer):
@@ -149,12 +160,16 @@ class RingBuffer(Buffer):
     self.window = window
 
   def advance(self, ctx, ring, x):
-    if ctx.fresh:
-      full, _ = super().advance(ctx, None, x)
+    if ctx.fresh:   # rows over the full buffer; the ring from x itself,
+      full, _ = super().advance(ctx, None, x)   # which may run past L
+      x = self.layout(self._only_real(ctx, x, self.time_axis))
+      if not x.shape[self.axis]:   # the empty state
+        x = jnp.zeros_like(lax.slice_in_dim(full, 0, 1, axis=self.axis))
       newest = ctx.real(self.size, self.ahead) - 1
       slots = jnp.arange(self.window)
       positions = newest - jnp.mod(newest - slots, self.window)
-      ring = jnp.take(full, jnp.maximum(positions, 0), axis=self.axis)
+      ring = jnp.take(x, jnp.clip(positions, 0, x.shape[self.axis] - 1),
+                      axis=self.axis)
       valid = (positions >= 0).reshape(
           [-1 if d == self.axis else 1 for d in range(full.ndim)])
       return jnp.where(valid, ring, jnp.zeros_like(ring)), full
@@ -198,23 +213,29 @@ def ring_positions(ctx, h, size):
   return jnp.where(positions >= 0, positions, outside)
 
 
-def _make_buffer(kind, e, i, window):
+def _batch_dims_first(params, avals, i):
+  """``(perm, params)``: operand ``i`` of a dot_general transposed with its
+  batch axes first, and the params that read that layout. Free axes keep
+  their order, so the output's layout does not change."""
+  (contract, batch) = params["dimension_numbers"]
+  perm = list(batch[i]) + [d for d in range(avals[i].ndim)
+                           if d not in batch[i]]
+  contract, batch = [list(c) for c in contract], [list(b) for b in batch]
+  contract[i] = [perm.index(d) for d in contract[i]]
+  batch[i] = [perm.index(d) for d in batch[i]]
+  return perm, dict(params, dimension_numbers=(tuple(map(tuple, contract)),
+                                               tuple(map(tuple, batch))))
+
+
+def _make_buffer(kind, e, i, window, params=None):
   """A buffer for operand ``i`` of the dot_general ``e``, batch axes first,
   and the equation's parameters that read that layout."""
   size = e.in_avals[i].shape[kind.axis]
-  ndim = e.in_avals[i].ndim
-  (contract, batch) = e.params["dimension_numbers"]
-  perm = list(batch[i]) + [d for d in range(ndim) if d not in batch[i]]
+  perm, params = _batch_dims_first(params or e.params, e.in_avals, i)
   if window is None:
     buffer = Buffer(kind.axis, size, kind.ahead, perm)
   else:
     buffer = RingBuffer(kind.axis, size, kind.ahead, window, perm)
-  # free axes keep their order, so the output's layout does not change
-  contract, batch = [list(c) for c in contract], [list(b) for b in batch]
-  contract[i] = [perm.index(d) for d in contract[i]]
-  batch[i] = [perm.index(d) for d in batch[i]]
-  params = dict(e.params, dimension_numbers=(tuple(map(tuple, contract)),
-                                             tuple(map(tuple, batch))))
   return buffer, params
 
 
@@ -241,11 +262,17 @@ def dot_general_rule(e):
   kind = History(_dot_out_axis(dims, 0, q.axis, ndims),
                  _dot_out_axis(dims, 1, k.axis, ndims),
                  q.ahead, TAINTED_FINITE, window, origin)
-  buffer, params = _make_buffer(k, e, 1, window)
+  # the queries with their batch axes first too: under vmap (rows) XLA
+  # would otherwise transpose the whole key buffer to meet them
+  q_perm, params = _batch_dims_first(e.params, e.in_avals, 0)
+  buffer, params = _make_buffer(k, e, 1, window, params)
+  q_perm = None if q_perm == sorted(q_perm) else q_perm
 
   def advance(ctx, buf, ins):   # state: the key buffer
     qs, ks = ins
     buf, keys = buffer.advance(ctx, buf, ks)
+    if q_perm is not None:
+      qs = jnp.transpose(qs, q_perm)
     return buf, bind(e.eqn, [qs, keys], params)
   return Converted([kind], advance, True)
 

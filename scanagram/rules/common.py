@@ -52,11 +52,14 @@ def pointwise(e,
   out_size = e.out_avals[0].shape[out_axes[0]]
   run = run or (lambda ctx, ins, params: bind(e.eqn, ins, params))
 
+  uniform = [axis is not None and e.in_kinds[i] is UNSCANNED and
+             e.uniform(i, axis) for i, axis in enumerate(operand_axes)]
+
   def apply(ctx, ins):
     ins = list(ins)
     for i, axis in enumerate(operand_axes):
       if axis is not None and e.in_kinds[i] is UNSCANNED:
-        ins[i] = time_block(ctx, ins[i], axis, ahead)
+        ins[i] = time_block(ctx, ins[i], axis, ahead, uniform[i])
     params = e.params
     if resize is not None:
       params = resize(params, ctx.span(out_size, ahead)[1])
@@ -125,6 +128,8 @@ def last_real(ctx, y, axis, ahead, before):
   """The element of ``y`` (a value's elements in block ``ctx``) that the
   state keeps after the block: the last real one, or ``before`` when the
   block has none (size 1 along ``axis``)."""
+  if not y.shape[axis]:
+    return before
   real = _real(ctx, y, axis, ahead)
   if isinstance(real, int):
     if real == 0:

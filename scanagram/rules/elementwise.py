@@ -6,7 +6,8 @@ are sliced to the current position; scalars pass through.
 """
 from jax.extend.core import primitives as P
 
-from scanagram.interpreter import bind, register, stateless
+from scanagram.interpreter import (ELEMENTWISE_PRIMITIVES, bind, register,
+                                   stateless)
 from scanagram.kinds import UNSCANNED
 from scanagram.rules.common import pointwise, scanned_operands
 
@@ -21,6 +22,7 @@ shift_right_arithmetic shift_right_logical sign sin sinh sqrt square
 stop_gradient sub tan tanh xor zeta name sharding_constraint threefry2x32
 """.split()
 ELEMENTWISE = [getattr(P, n + "_p") for n in _NAMES]
+ELEMENTWISE_PRIMITIVES.update(ELEMENTWISE)
 
 
 def scanned_axis(e):
