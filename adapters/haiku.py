@@ -370,10 +370,11 @@ class StepPair:
 
     ``x`` and ``y`` are one element (``axis`` removed). The inputs are left
     intact (no donation). With ``max_length`` not None the carry must be at
-    a position below L (the step is jitted: past L its floating outputs are
-    NaN; :class:`Stepper` refuses instead).
+    a position below L: called eagerly, a step at L raises ``ValueError``;
+    under a trace (``jit``, ``scan``) its floating outputs are NaN there.
     """
     *unscanned, carry, x = self._split(args, 2, "step", ", carry, x")
+    self._check_room(_concrete_positions(carry), 1, None, "step")
     return self._step(unscanned, carry, x)
 
   def bind(self, *unscanned) -> "Stepper":

@@ -725,6 +725,11 @@ def test_attention_refuses_to_go_past_L():
   carry, _ = pair.extend(params, carry, _rows_ids(35, length=3),
                          lengths=[2, 3, 0])
   assert pair.positions(carry).tolist() == [8, 5, 4]
+  with pytest.raises(ValueError, match=f"step: .*position 8 \\(row 0\\)"):
+    pair.step(params, carry, _rows_ids(37)[:, 0])
+  nan_step = jax.jit(pair.step)(params, carry, _rows_ids(37)[:, 0])[1]
+  assert np.isnan(np.asarray(nan_step[0])).all()     # row 0 is at L
+  assert not np.isnan(np.asarray(nan_step[1:])).any()
   stepper = pair.bind(params)
   stepper.reset(_rows_ids(36))
   with pytest.raises(ValueError, match="full"):
