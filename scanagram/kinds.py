@@ -3,19 +3,19 @@
 Every variable of the traced function gets a *kind*:
 
 * ``UNSCANNED``: it does not depend on the scanned inputs (parameters,
-  constants, masks, position tables). Prefill and step see the whole array.
+  constants, masks, position tables). Every block sees the whole array.
 * ``Scanned(axis, ahead)``: it is a sequence along ``axis``. Element ``i``
   depends only on inputs ``0 .. i - ahead``; ``ahead`` > 0 for a value shifted
   to the right (``pad`` at the front, ``concatenate([zeros, x[:-1]])``): it
-  runs ``ahead`` elements ahead of the input. In prefill of a prompt of
-  length P a scanned value holds its first ``P + ahead`` elements (at most its
-  full length); in the step at position t it holds element ``t + ahead``,
-  with ``axis`` kept at size 1.
+  runs ``ahead`` elements ahead of the input. In a block of k elements from
+  position t (:class:`scanagram.interpreter.Block`) it holds elements
+  ``t + ahead .. t + ahead + k - 1``; in a fresh block (a prefill) its first
+  ``k + ahead`` (at most its full length).
 * ``WHOLE_SEQUENCE``: known only at the end (a scan's final carry).
 * ``History(axis, key_axis, ahead, future)``: attention scores and what is
   computed from them: scanned along ``axis`` (rows, one per query position
-  i) with a ``key_axis`` over all L positions of the sequence. In prefill and
-  step the keys come from a buffer whose unfilled part (positions after the
+  i) with a ``key_axis`` over all L positions of the sequence. In a block
+  the keys come from a buffer whose unfilled part (positions after the
   newest element) differs from the training mode. ``future`` records what
   row i holds at the keys j > i: ``TAINTED`` (may differ from the training
   mode there), ``EXACT`` (equals the training mode, value unknown),

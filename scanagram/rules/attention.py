@@ -4,7 +4,7 @@
 position of another) is not causal by itself. Its rule keeps a buffer of the
 keys (the operand as it enters the contraction) of length L and gives the
 scores the kind ``History``: rows are scanned, the key axis holds all L
-positions, and in prefill/step the keys after the newest element differ from
+positions, and in a block the keys after the newest element differ from
 the training mode (``future=TAINTED``). The rules here follow that record
 through the graph:
 

@@ -2,7 +2,7 @@
 ``custom_vjp_call`` and ``remat`` (checkpoint).
 
 Causal when their body is: the body is converted with the same kinds and
-runs inline in prefill and step (its state nests under the equation's name).
+runs inline in every block (its state nests under the equation's name).
 Custom derivative rules do not survive the conversion: the step
 differentiates the body's primal operations.
 """
