@@ -113,9 +113,11 @@ class StepFunctions:
     closed = jax.make_jaxpr(self._flat_fun(self._rows))(*specs)
     in_kinds = [UNSCANNED if a is None else Scanned(a)
                 for a in self._time_axes]
-    self._converted = attention.convert_with_windows(
-        lambda context: ConvertedJaxpr(closed.jaxpr, closed.consts, in_kinds,
-                                       context=context))
+    def convert(context):
+      context["rows"] = self._rows   # rules may lay out for vmap
+      return ConvertedJaxpr(closed.jaxpr, closed.consts, in_kinds,
+                            context=context)
+    self._converted = attention.convert_with_windows(convert)
     self._jaxpr = closed.jaxpr
     self._outputs = [self._output_rule(i, k, v) for i, (k, v) in
                      enumerate(zip(self._converted.out_kinds,

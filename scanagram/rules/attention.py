@@ -262,11 +262,14 @@ def dot_general_rule(e):
   kind = History(_dot_out_axis(dims, 0, q.axis, ndims),
                  _dot_out_axis(dims, 1, k.axis, ndims),
                  q.ahead, TAINTED_FINITE, window, origin)
-  # the queries with their batch axes first too: under vmap (rows) XLA
-  # would otherwise transpose the whole key buffer to meet them
-  q_perm, params = _batch_dims_first(e.params, e.in_avals, 0)
+  # with rows (the block vmapped), the queries' batch axes first too: XLA
+  # would otherwise transpose the whole key buffer to meet them every step.
+  # (Without rows the same transpose makes it copy every buffer instead.)
+  q_perm, params = None, e.params
+  if e.context.get("rows"):
+    q_perm, params = _batch_dims_first(e.params, e.in_avals, 0)
+    q_perm = None if q_perm == sorted(q_perm) else q_perm
   buffer, params = _make_buffer(k, e, 1, window, params)
-  q_perm = None if q_perm == sorted(q_perm) else q_perm
 
   def advance(ctx, buf, ins):   # state: the key buffer
     qs, ks = ins
