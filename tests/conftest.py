@@ -48,6 +48,32 @@ def assert_trees_close(got, want, tol=None):
       atol=_tol(w.dtype) if tol is None else tol), got, want)
 
 
+def blocks(start, stop, sizes=(1, 2, 5)):
+  """``(start, k)`` pairs from ``start`` to ``stop``: blocks of ``sizes``,
+  then the rest, the last one clipped."""
+  out = []
+  for k in tuple(sizes) + (None,):
+    if start >= stop:
+      break
+    k = stop - start if k is None else min(k, stop - start)
+    out.append((start, k))
+    start += k
+  return out
+
+
+def causal_mask(n):
+  """``[n, n]``: query i keeps keys j <= i."""
+  return jnp.tril(jnp.ones((n, n), bool))
+
+
+def window_mask(w):
+  """``mask(n)``: query i keeps keys i - w < j <= i."""
+  def mask(n):
+    i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
+    return (j <= i) & (j > i - w)
+  return mask
+
+
 def check_scan(fun, xs, prefill_lengths=None, tol=None):
   """One ``scanagram.to_step(fun, xs)`` (time axis 0 of ``xs`` and of the
   outputs) meets the contract:
@@ -66,17 +92,6 @@ def check_scan(fun, xs, prefill_lengths=None, tol=None):
   """
   def part(tree, start, stop):
     return jax.tree.map(lambda x: x[start:stop], tree)
-
-  def blocks(start, stop):
-    """(start, k) pairs: sizes 1, 2, 5, then the rest, clipped at stop."""
-    out = []
-    for k in (1, 2, 5, None):
-      if start >= stop:
-        break
-      k = stop - start if k is None else min(k, stop - start)
-      out.append((start, k))
-      start += k
-    return out
 
   length = jax.tree.leaves(xs)[0].shape[0]
   want = fun(xs)

@@ -20,7 +20,8 @@ import pytest
 from jax import lax
 
 import scanagram
-from conftest import assert_trees_close, check_scan, random_like
+from conftest import (assert_trees_close, blocks as _blocks, causal_mask,
+                      check_scan, random_like, window_mask)
 
 L, D, H = 10, 4, 6
 BIG = random_like(jnp.zeros((3 * L, D)), 7)       # 3L elements; X is its start
@@ -31,15 +32,8 @@ SIZES = (1, 2, 5)                                # then "the rest"
 
 
 # -- the families ----------------------------------------------------------
-def tril(n):
-  return jnp.tril(jnp.ones((n, n), bool))
-
-
-def window(w):
-  def mask(n):
-    i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
-    return (j <= i) & (j > i - w)
-  return mask
+tril = causal_mask
+window = window_mask
 
 
 def attention(mask=tril, fill=-1e9, w=W):
@@ -219,14 +213,7 @@ def converted():
 # -- helpers -----------------------------------------------------------------
 def blocks(start, stop=L, sizes=SIZES):
   """(start, k): sizes 1, 2, 5, then the rest, the last one clipped."""
-  out = []
-  for k in sizes + (None,):
-    if start >= stop:
-      break
-    k = stop - start if k is None else min(k, stop - start)
-    out.append((start, k))
-    start += k
-  return out
+  return _blocks(start, stop, sizes)
 
 
 def take(tree, start, stop, axis):
@@ -516,16 +503,21 @@ def test_unbounded_steps_to_3L_like_the_training_mode_at_3L(name, converted):
   assert position(fns, carry) == 3 * L
 
 
+def _unbounded(name, converted):
+  """The case, its functions (skipped when they are bounded, which is
+  sound), 3L inputs, the training mode on them and the tolerance."""
+  case, fns = CASES[name], converted(name)
+  if case.bounded is None and fns.max_length is not None:
+    pytest.skip(f"max_length is {fns.max_length}: bounded, which is sound")
+  tol = 1e-4 if case.tol is None else case.tol
+  return case, fns, case.make_xs(3 * L), case.want(3 * L), tol
+
+
 @pytest.mark.parametrize("name", UNBOUNDED)
 def test_unbounded_full_prefill_then_eager_steps_past_L(name, converted):
   """A prompt of exactly L elements, then eager steps at L, L + 1, L + 2: no
   refusal, and the state (delay lines included) carries on."""
-  case, fns = CASES[name], converted(name)
-  if case.bounded is None and fns.max_length is not None:
-    pytest.skip(f"max_length is {fns.max_length}: bounded, which is sound")
-  xs3 = case.make_xs(3 * L)
-  want3 = case.want(3 * L)
-  tol = 1e-4 if case.tol is None else case.tol
+  case, fns, xs3, want3, tol = _unbounded(name, converted)
   carry, _ = fns.prefill(*case.unscanned, take(xs3, 0, L, case.in_axis))
   for t in range(L, L + 3):
     carry, y = fns.step(*case.unscanned, carry, element(xs3, t, case.in_axis))
@@ -536,12 +528,7 @@ def test_unbounded_full_prefill_then_eager_steps_past_L(name, converted):
 @pytest.mark.parametrize("name", UNBOUNDED)
 def test_unbounded_extend_past_L(name, converted):
   """Blocks of k <= L across and past L, for a model that steps on."""
-  case, fns = CASES[name], converted(name)
-  if case.bounded is None and fns.max_length is not None:
-    pytest.skip(f"max_length is {fns.max_length}: bounded, which is sound")
-  xs3 = case.make_xs(3 * L)
-  want3 = case.want(3 * L)
-  tol = 1e-4 if case.tol is None else case.tol
+  case, fns, xs3, want3, tol = _unbounded(name, converted)
   carry, _ = fns.prefill(*case.unscanned, take(xs3, 0, L - 3, case.in_axis))
   for start, k in [(L - 3, 5), (L + 2, 5), (L + 7, L), (2 * L + 7, 1)]:
     block = take(xs3, start, start + k, case.in_axis)

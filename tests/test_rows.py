@@ -17,7 +17,8 @@ import pytest
 from jax import lax
 
 import scanagram
-from conftest import assert_trees_close, random_like
+from conftest import (assert_trees_close, causal_mask, random_like,
+                      window_mask)
 
 B, L, D, H, S = 4, 8, 4, 5, 3
 XS = random_like(jnp.zeros((B, L, D)), 0)
@@ -27,15 +28,8 @@ ENC = random_like(jnp.zeros((B, S, D)), 3)       # an encoder's output per row
 
 
 # -- the models (batch-major) --------------------------------------------------
-def tril(n):
-  return jnp.tril(jnp.ones((n, n), bool))
-
-
-def window(w):
-  def mask(n):
-    i, j = jnp.arange(n)[:, None], jnp.arange(n)[None, :]
-    return (j <= i) & (j > i - w)
-  return mask
+tril = causal_mask
+window = window_mask
 
 
 def attention(mask=tril, fill=-1e9, w=W):
