@@ -10,7 +10,8 @@ from jax._src import source_info_util
 # re-exported
 from jax._src.lax.lax import split_p, stack_p, tile_p, unstack_p
 from jax._src.lax.slicing import scatter_sub_p
-from jax._src.interpreters.partial_eval import convert_constvars_jaxpr
+from jax._src.interpreters.partial_eval import (convert_constvars_jaxpr,
+                                                dce_jaxpr)
 from jax.interpreters import ad, batching, mlir
 
 # custom_scanagram and associative_scan define primitives
@@ -34,11 +35,19 @@ def exclude_from_user_frames(path: str):
   source_info_util.register_exclusion(path)
 
 
+def without_dead_code(jaxpr):
+  """``jaxpr`` without the equations no output needs (inner jaxprs of calls
+  and scans included), its inputs unchanged. JAX's own dead-code pass
+  (``partial_eval.dce_jaxpr``) keeps effectful equations."""
+  pruned, _ = dce_jaxpr(jaxpr, [True] * len(jaxpr.outvars), instantiate=True)
+  return pruned
+
+
 def name_stack(source_info) -> str:
   """The transformation/module name stack (Haiku module names live here)."""
   stack = getattr(source_info, "name_stack", None)
   return str(stack) if stack is not None else ""
 
 
-__all__ = ["user_frames", "name_stack", "split_p", "stack_p",
+__all__ = ["user_frames", "name_stack", "without_dead_code", "split_p", "stack_p",
            "unstack_p", "tile_p", "scatter_sub_p", "ad", "batching", "mlir"]

@@ -8,6 +8,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
+from scanagram import _jax_internals
 from scanagram import rules  # noqa: F401  (registers the rules)
 from scanagram.errors import ScanConversionError, refusal
 from scanagram.interpreter import (Block, ConvertedJaxpr, DelayLine,
@@ -110,7 +111,7 @@ class StepFunctions:
                          for a, r in zip(self._leaf_axes, self._leaf_rows)]
     else:
       specs, self._time_axes = self._in_specs, self._leaf_axes
-    closed = jax.make_jaxpr(self._flat_fun(self._rows))(*specs)
+    closed = _traced(self._flat_fun(self._rows), specs)
     in_kinds = [UNSCANNED if a is None else Scanned(a)
                 for a in self._time_axes]
     def convert(context):
@@ -126,7 +127,7 @@ class StepFunctions:
   def _check_rows_independent(self):
     """Refuses a function that mixes its rows: converted with the batch axis
     as the sequence axis, nothing may keep state or shift along it."""
-    closed = jax.make_jaxpr(self._flat_fun(False))(*self._in_specs)
+    closed = _traced(self._flat_fun(False), self._in_specs)
     kinds = [UNSCANNED if r is None else Scanned(r) for r in self._leaf_rows]
     why = (f"with batch_axes={self.batch_axes} every row must be "
            "independent of the others, and ")
@@ -602,6 +603,13 @@ class StepFunctions:
 
 
 _UNKNOWN = object()
+
+
+def _traced(flat_fun, specs):
+  """The jaxpr of ``flat_fun`` without dead code: what no output needs (a
+  value read only for its shape) is never converted, so never refused."""
+  closed = jax.make_jaxpr(flat_fun)(*specs)
+  return closed.replace(jaxpr=_jax_internals.without_dead_code(closed.jaxpr))
 
 
 def _find_eqn(jaxpr, eqn_id):

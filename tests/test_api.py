@@ -7,7 +7,7 @@ import pytest
 from jax import lax
 
 import scanagram
-from conftest import assert_trees_close, random_like
+from conftest import assert_trees_close, check_refused, check_scan, random_like
 
 L, D = 6, 3
 X = random_like(jnp.zeros((L, D)))
@@ -254,3 +254,16 @@ def test_no_scanned_argument_refused():
 def test_mismatched_lengths_refused():
   with pytest.raises(ValueError, match="share their length"):
     scanagram.as_scan(lambda xs: xs[0][:4] + xs[1], (X, X[:4]))
+
+
+def test_dead_code_is_not_converted():
+  """A value read only for its shape (``zeros_like(xs[1:])``, as
+  recurrentgemma writes) is dead code: never converted, never refused."""
+  def fun(xs):
+    padding = jnp.zeros_like(xs[1:])      # xs[1:] alone would be refused
+    return jnp.cumsum(xs, 0) + padding.sum()
+  check_scan(fun, X)
+
+  def live(xs):                            # the same slice, read: refused
+    return jnp.cumsum(xs, 0)[1:] + xs[1:]
+  check_refused(live, X, "slice", "a future element")
