@@ -351,6 +351,17 @@ class StepFunctions:
     carry, ys = self._per_row(run, None, leaves, carry, element=True)
     return carry, jax.tree.unflatten(self._out_tree, ys)
 
+  def _out_rows(self, element):
+    """Each output's axis of rows (for vmap's out_axes); an element's has
+    the time axis removed before it."""
+    axes = []
+    for var in self._jaxpr.outvars:
+      ndim = len(var.aval.shape) + 1          # the per-row output, with rows
+      rows = self.out_batch_axes % ndim
+      time = self.out_axes % ndim
+      axes.append(rows - (element and rows > time))
+    return axes
+
   def _per_row(self, run, lengths, leaves, carry=None, element=False):
     """``run(carry, count, *leaves)`` on every row (vmapped) with
     batch_axes, else once. ``carry`` is None for a fresh block."""
@@ -360,8 +371,8 @@ class StepFunctions:
             for r, a in zip(self._leaf_rows, self._leaf_axes)]
     return jax.vmap(run, in_axes=(None if carry is None else 0,
                                   None if lengths is None else 0, *rows),
-                    out_axes=(0, self.out_batch_axes))(carry, lengths,
-                                                       *leaves)
+                    out_axes=(0, self._out_rows(element)))(carry, lengths,
+                                                           *leaves)
 
   def _run_block(self, carry, leaves, k, count):
     """One row's block of k elements: ``(carry, outputs)``; a fresh block

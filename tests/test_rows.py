@@ -409,3 +409,20 @@ def test_lengths_without_batch_axes_is_a_type_error():
   with pytest.raises(TypeError):
     fns.extend(carry, XS[:, 3:5], lengths=as_lengths([1, 2, 2, 0]))
   assert int(fns.positions(carry)) == 3           # one position for all rows
+
+
+def test_time_major_rows_step_keeps_rows_first():
+  """xs [T, B, D] with batch_axes=1: a step's output is [B, D] (the time
+  axis removed before the rows), and each row continues its own sequence."""
+  def fun(xs):                                      # [T, B, D]
+    return jnp.cumsum(jnp.tanh(xs), axis=0) * 2
+  xs = random_like(jnp.zeros((L, B, D + 1)), 11)   # D + 1 != B
+  fns = scanagram.to_step(fun, xs, in_axes=0, out_axes=0, batch_axes=1,
+                          out_batch_axes=1)
+  lengths = np.array([2, 0, 1] + [1] * (B - 3))[:B]
+  carry, _ = fns.prefill(xs[:2], lengths=lengths)
+  carry, y = fns.step(carry, xs[2])
+  assert y.shape == (B, D + 1)
+  for b, n in enumerate(lengths):
+    seq = jnp.concatenate([xs[:n, b], xs[2:3, b]])[:, None]
+    assert_trees_close(y[b], fun(seq)[-1, 0])
