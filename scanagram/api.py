@@ -1,6 +1,6 @@
 """The public entry points: ``to_step``, ``as_scan``, ``as_scan_with_prefill``.
 """
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
