@@ -572,21 +572,8 @@ class StepPair:
   def _check_room(self, positions, k, lengths, what):
     """A ValueError before a position >= L would be computed (when the state
     needs L and ``positions`` is known)."""
-    limit = self.max_length
-    if limit is None or positions is None or isinstance(
-        lengths, jax.core.Tracer):
-      return
-    end = np.asarray(positions) + (k if lengths is None
-                                   else np.asarray(lengths))
-    if (end > limit).any():
-      at = ""
-      if np.ndim(end):
-        at = f" (row {int(np.argmax(end > limit))})"
-      raise ValueError(
-          f"{what}: this would compute position {int(np.max(end)) - 1}{at}, "
-          f"but the state holds L={limit} positions (0 to {limit - 1}): "
-          "its buffers or tables have the length of the example given to "
-          "to_step. Convert with a longer example to serve longer sequences.")
+    if positions is not None:
+      self.functions.check_room(positions, k, lengths, what)
 
 
 def _concrete_positions(carry):

@@ -236,7 +236,7 @@ class StepFunctions:
     """
     k = self._check_args(args, "prompt")
     lengths = self._check_lengths(lengths, args, k)
-    self._check_room(None, k, lengths)
+    self._check_room(None, k, lengths, "prefill")
     return self._compiled("prefill", k, lengths is not None)(
         lengths, *args)
 
@@ -256,7 +256,7 @@ class StepFunctions:
     if k == 0:
       raise ValueError("extend takes blocks of at least one element")
     lengths = self._check_lengths(lengths, args, k)
-    self._check_room(carry, k, lengths)
+    self._check_room(carry, k, lengths, "extend")
     return self._compiled("extend", k, lengths is not None)(
         carry, lengths, *args)
 
@@ -267,7 +267,7 @@ class StepFunctions:
     carry, args = self._split_carry(args, "step")
     self._check_carry(carry)
     self._check_args(args, "element")
-    self._check_room(carry, 1, None)
+    self._check_room(carry, 1, None, "step")
     return self._compiled("step", 1, False)(carry, *args)
 
   def positions(self, carry):
@@ -515,31 +515,31 @@ class StepFunctions:
         return np.shape(x)[r]
     return None
 
-  def _check_room(self, carry, k, lengths):
+  def _check_room(self, carry, k, lengths, what):
     """Eagerly, a ValueError before a position >= L (max_length) would be
     computed; under jit the outputs there are NaN instead."""
-    if self.max_length is None:
-      return
     if carry is None:
-      start = np.zeros((), np.int64)
-    else:
-      position = carry["position"]
-      if isinstance(position, jax.core.Tracer):
-        return
-      start = np.asarray(position)
-    if lengths is not None and not isinstance(lengths, jax.core.Tracer):
-      end = start + np.asarray(lengths)
-    else:
-      end = start + k
-    if (end > self.max_length).any():
-      row = int(np.argmax(end - self.max_length > 0)) if np.ndim(end) else None
-      at = "" if row is None else f" (row {row})"
+      self.check_room(np.zeros((), np.int64), k, lengths, what)
+    elif not isinstance(carry["position"], jax.core.Tracer):
+      self.check_room(np.asarray(carry["position"]), k, lengths, what)
+
+  def check_room(self, positions, k, lengths=None, what="this call"):
+    """Raises ValueError when advancing rows at ``positions`` (host ints,
+    scalar or ``[B]``) by ``k`` elements (by ``lengths`` per row) would
+    compute a position the state cannot serve (>= max_length)."""
+    limit = self.max_length
+    if limit is None or isinstance(lengths, jax.core.Tracer):
+      return
+    end = np.asarray(positions) + (k if lengths is None
+                                   else np.asarray(lengths))
+    if (end > limit).any():
+      at = f" (row {int(np.argmax(end > limit))})" if np.ndim(end) else ""
       raise ValueError(
-          f"this call would compute position {int(np.max(end)) - 1}{at}, but "
-          f"the state holds L={self.max_length} positions (positions 0 to "
-          f"{self.max_length - 1}): its buffers or tables have the length of "
-          "the example given to to_step. Convert with a longer example to "
-          "serve longer sequences.")
+          f"{what}: this would compute position {int(np.max(end)) - 1}{at}, "
+          f"but the state holds L={limit} positions (0 to {limit - 1}): its "
+          "buffers or tables have the length of the example given to "
+          "to_step. Convert with a longer example to serve longer "
+          "sequences.")
 
   def _check_args(self, args, what):
     """Checks structure, shapes and dtypes of a ``prompt`` (at most L

@@ -130,22 +130,11 @@ def last_real(ctx, y, axis, ahead, before):
   block has none (size 1 along ``axis``)."""
   if not y.shape[axis]:
     return before
-  real = _real(ctx, y, axis, ahead)
+  real = ctx.real(y.shape[axis], ahead)   # y holds the block's span
   if isinstance(real, int):
-    if real == 0:
-      return before
     return lax.slice_in_dim(y, real - 1, real, axis=axis)
   last = lax.dynamic_slice_in_dim(y, jnp.maximum(real - 1, 0), 1, axis)
   return jnp.where(real > 0, last, before)
-
-
-def _real(ctx, y, axis, ahead):
-  """How many elements of ``y`` (held in block ``ctx``) are real."""
-  if ctx.count is None:
-    return y.shape[axis]
-  if ctx.fresh:
-    return jnp.minimum(ctx.count + ahead, y.shape[axis])
-  return ctx.count
 
 
 def window_ahead(e, what, axis, input_ahead, padding, reach):
