@@ -240,3 +240,15 @@ class CausalWindow:
     if ctx.count is not None:
       new_ring = jnp.where(ctx.count > 0, new_ring, ring)
     return new_ring, [self.run([window, *ins[1:]], (0, 0), 1)]
+
+
+def dot_out_axis(dims, side, axis, ndims):
+  """Output axis of operand ``side``'s non-contracted ``axis``."""
+  (contract, batch) = dims
+  if axis in batch[side]:
+    return batch[side].index(axis)
+  free = [d for d in range(ndims[side])
+          if d not in contract[side] and d not in batch[side]]
+  offset = len(batch[0]) + (0 if side == 0 else
+                            ndims[0] - len(contract[0]) - len(batch[0]))
+  return offset + free.index(axis)

@@ -16,7 +16,7 @@ from jax.extend.core import primitives as P
 
 from scanagram import _jax_internals
 from scanagram.interpreter import register
-from scanagram.kinds import UNSCANNED, is_scanned
+from scanagram.kinds import is_scanned
 from scanagram.rules.common import only_scanned, pointwise, with_size
 
 

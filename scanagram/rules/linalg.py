@@ -1,8 +1,9 @@
 """Contractions and convolutions.
 
 ``dot_general`` is causal when it does not contract the scanned axis and does
-not pair two different positions of the sequence (unless it is attention:
-:mod:`scanagram.rules.attention`). ``conv_general_dilated`` along the scanned
+not pair two different positions of the sequence. (Attention's contractions
+are :mod:`scanagram.rules.attention`'s; its ``dot_general`` rule hands every
+other contraction to :func:`dot_general_rule` here.) ``conv_general_dilated`` along the scanned
 spatial axis is causal with enough front padding; the step keeps a ring of
 the last (K - 1) * dilation inputs per convolution, as Fast WaveNet does.
 """
@@ -10,29 +11,13 @@ from jax.extend.core import primitives as P
 
 from scanagram.interpreter import register
 from scanagram.kinds import UNSCANNED, is_scanned
-from scanagram.rules.common import (CausalWindow, pointwise, replaced_at,
-                                    window_ahead)
+from scanagram.rules.common import (CausalWindow, dot_out_axis, pointwise,
+                                    replaced_at, window_ahead)
 
 
-def _dot_out_axis(dims, side, axis, ndims):
-  """Output axis of operand ``side``'s non-contracted ``axis``."""
-  (contract, batch) = dims
-  if axis in batch[side]:
-    return batch[side].index(axis)
-  free = [d for d in range(ndims[side])
-          if d not in contract[side] and d not in batch[side]]
-  offset = len(batch[0]) + (0 if side == 0 else
-                            ndims[0] - len(contract[0]) - len(batch[0]))
-  return offset + free.index(axis)
-
-
-@register(P.dot_general_p)
 def dot_general_rule(e):
   """Causal when no scanned axis is contracted and, if both operands are
   scanned, their scanned axes are paired batch dimensions."""
-  from scanagram.rules import attention
-  if attention.is_attention_contraction(e):
-    return attention.dot_general_rule(e)
   (contract, batch) = e.params["dimension_numbers"]
   ndims = [a.ndim for a in e.in_avals]
   axes = [k.axis if is_scanned(k) else None for k in e.in_kinds]
@@ -48,7 +33,7 @@ def dot_general_rule(e):
           "position of another (an outer product over time) and no causal "
           "mask follows it")
   side = 0 if axes[0] is not None else 1
-  out_axis = _dot_out_axis((contract, batch), side, axes[side], ndims)
+  out_axis = dot_out_axis((contract, batch), side, axes[side], ndims)
   other = 1 - side
   if axes[other] is None and axes[side] in batch[side]:
     # the unscanned operand's paired batch axis runs along time too

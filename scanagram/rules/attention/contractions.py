@@ -1,0 +1,132 @@
+"""The two contractions of attention: ``q·kᵀ`` (rows against every key,
+the keys join a buffer) and the weights times the values (causal when the
+weights are exactly 0 at every future key; the values join a buffer)."""
+import jax.numpy as jnp
+from jax.extend.core import primitives as P
+
+from scanagram.interpreter import Converted, bind, register
+from scanagram.kinds import History, Scanned, is_scanned
+from scanagram.rules import linalg
+from scanagram.rules.attention.buffers import batch_dims_first, make_buffer
+from scanagram.rules.attention.future import TAINTED_FINITE, is_tainted
+from scanagram.rules.common import dot_out_axis
+
+
+@register(P.dot_general_p)
+def dot_general_rule(e):
+  """Attention's ``q·kᵀ`` when both operands are scanned and neither scanned
+  axis is contracted or batched; otherwise the plain contraction rule."""
+  if is_attention_contraction(e):
+    return scores_rule(e)
+  return linalg.dot_general_rule(e)
+
+
+def is_attention_contraction(e) -> bool:
+  """Both operands scanned, neither scanned axis contracted nor batched."""
+  if not all(is_scanned(k) for k in e.in_kinds):
+    return False
+  (contract, batch) = e.params["dimension_numbers"]
+  return all(k.axis not in contract[s] and k.axis not in batch[s]
+             for s, k in enumerate(e.in_kinds))
+
+
+
+def scores_rule(e):
+  """``q·kᵀ``: rows of the lhs against every position of the rhs. The rhs
+  joins a buffer (a ring when a later mask proved a window); the scores are
+  History with ``future=TAINTED``."""
+  q, k = e.in_kinds
+  dims = e.params["dimension_numbers"]
+  ndims = [a.ndim for a in e.in_avals]
+  origin = id(e.eqn)
+  window = e.context.get("rings", {}).get(origin)
+  if q.ahead != k.ahead:
+    window = None
+  kind = History(dot_out_axis(dims, 0, q.axis, ndims),
+                 dot_out_axis(dims, 1, k.axis, ndims),
+                 q.ahead, TAINTED_FINITE, window, origin)
+  # with rows (the block vmapped), the queries' batch axes first too: XLA
+  # would otherwise transpose the whole key buffer to meet them every step.
+  # (Without rows the same transpose makes it copy every buffer instead.)
+  q_perm, params = None, e.params
+  if e.context.get("rows"):
+    q_perm, params = batch_dims_first(e.params, e.in_avals, 0)
+    q_perm = None if q_perm == sorted(q_perm) else q_perm
+  buffer, params = make_buffer(k, e, 1, window, params)
+
+  def advance(ctx, buf, ins):   # state: the key buffer
+    qs, ks = ins
+    buf, keys = buffer.advance(ctx, buf, ks)
+    if q_perm is not None:
+      qs = jnp.transpose(qs, q_perm)
+    return buf, bind(e.eqn, [qs, keys], params)
+  return Converted([kind], advance, True)
+
+
+@register(P.dot_general_p, history=True, aligned=False)
+def weights_times_values_rule(e):
+  """Weights (History) contracted over their key axis with a scanned value's
+  time axis: causal when the weights are exactly 0 at every future key. The
+  values join a buffer."""
+  hs = 0 if isinstance(e.in_kinds[0], History) else 1
+  vs = 1 - hs
+  h, v = e.in_kinds[hs], e.in_kinds[vs]
+  (contract, batch) = e.params["dimension_numbers"]
+  if not is_scanned(v) or h.key_axis not in contract[hs] or v.axis not in (
+      contract[vs]) or (contract[hs].index(h.key_axis) !=
+                        contract[vs].index(v.axis)):
+    raise e.refuse(
+        "attention scores may only be contracted over their key axis with "
+        "the time axis of a value sequence")
+  if h.axis in contract[hs] or h.axis in batch[hs]:
+    raise e.refuse("it contracts the query positions of attention scores")
+  if h.future != 0.0 or is_tainted(h.future):
+    raise e.refuse(_why_weights_not_zero(h))
+  if v.ahead < h.ahead or (h.window is not None and v.ahead != h.ahead):
+    raise e.refuse("its values run behind the attention rows")
+  ndims = [a.ndim for a in e.in_avals]
+  out_axis = dot_out_axis((contract, batch), hs, h.axis, ndims)
+  buffer, params = make_buffer(v, e, vs, h.window)
+
+  contract_weights_first = _weights_first(e, params, hs)
+
+  def advance(ctx, buf, ins):   # state: the value buffer
+    buf, values = buffer.advance(ctx, buf, ins[vs])
+    return buf, contract_weights_first(ins[hs], values)
+  return Converted([Scanned(out_axis, h.ahead)], advance, True)
+
+
+def _weights_first(e, params, hs):
+  """``dot(weights, values)`` with the weights as the left operand whatever
+  the user's order (``einsum("...Thd,...htT->...", v, w)``): XLA's CPU dot
+  then streams the value buffer as a plain matrix product does, instead of
+  reading it transposed. The output is transposed back (it holds one
+  position, so that costs nothing)."""
+  if hs == 0:
+    return lambda weights, values: bind(e.eqn, [weights, values], params)
+  (contract, batch) = params["dimension_numbers"]
+  swapped = dict(params, dimension_numbers=((contract[1], contract[0]),
+                                            (batch[1], batch[0])))
+  n_batch = len(batch[0])
+  n_values, n_weights = (a.ndim - len(c) - n_batch
+                         for a, c in zip(e.in_avals, contract))
+  perm = (list(range(n_batch)) +
+          list(range(n_batch + n_weights, n_batch + n_weights + n_values)) +
+          list(range(n_batch, n_batch + n_weights)))
+
+  def run(weights, values):
+    out, = bind(e.eqn, [weights, values], swapped)
+    return [jnp.transpose(out, perm)]
+  return run
+
+
+def _why_weights_not_zero(h):
+  if is_tainted(h.future):
+    return ("it mixes attention scores over every position of the sequence "
+            "and no causal mask removes the future positions (mask the "
+            "logits with jnp.where(mask, logits, -1e9) before softmax)")
+  return ("the attention weights at future positions are not provably zero "
+          f"(they hold {h.future}): mask the logits with a large negative "
+          "value such as -1e9 or -inf before softmax, not with 0")
+
+

@@ -1,0 +1,232 @@
+"""Rules for equations on attention scores (History): elementwise ops follow
+the future record, structure moves the rows and keys, reductions over the
+keys need exact rows."""
+from typing import Any, NamedTuple
+
+import numpy as np
+import jax.numpy as jnp
+from jax.extend.core import primitives as P
+
+from scanagram.interpreter import bind, register, time_block
+from scanagram.kinds import EXACT, LOW, NEG, TAINTED, UNSCANNED, History, is_scanned
+from scanagram.rules import calls, elementwise, structural
+from scanagram.rules.attention import masks
+from scanagram.rules.attention.buffers import ring_positions
+from scanagram.rules.attention.future import (
+    combine_future, future_region, is_tainted, operand_future, rows_keys)
+from scanagram.rules.common import pointwise, with_size
+
+def history_axes(e):
+  kinds = [k for k in e.in_kinds if isinstance(k, History)]
+  axes = {(k.axis, k.key_axis) for k in kinds}
+  if len(axes) != 1:
+    raise e.refuse(f"it combines attention scores laid out differently "
+                   f"({sorted(axes)})")
+  (axis, key_axis), = axes
+  windows = {k.window for k in kinds}
+  if len(windows) != 1:
+    raise e.refuse("it combines attention scores with different windows")
+  for k in e.in_kinds:
+    if is_scanned(k) and k.axis != axis:
+      raise e.refuse("it combines attention scores with a sequence scanned "
+                     "along another axis")
+  ahead = min(k.ahead for k in e.in_kinds if k is not UNSCANNED)
+  return History(axis, key_axis, ahead, TAINTED, windows.pop(),
+                 kinds[0].origin)
+
+
+def history_pointwise(e, h, future, resize=None):
+  """Runs an equation on scores position by position. In a ring's step,
+  unscanned operands over all keys are gathered at the slots' positions,
+  but a band (one value inside the window, another outside, as a sliding
+  window's mask is) is computed from the positions, so a state with no other
+  length-L table steps on past L."""
+  out = h.replace(future=future)
+  size = e.out_avals[0].shape[h.key_axis]
+  gathered = [i for i, (k, a) in enumerate(zip(e.in_kinds, e.in_avals))
+              if k is UNSCANNED and a.ndim and a.shape[h.key_axis] == size
+              and size > 1]
+  operand_axes = elementwise.broadcast_operand_axes(e, h.axis)
+  bands = {}
+  if h.window is not None:
+    bands = {i: band for i in gathered
+             if operand_axes[i] is not None
+             for band in [_band(e, i, h)] if band is not None}
+  for i in bands:   # run slices them itself
+    operand_axes[i] = None
+
+  def run(ctx, ins, params):
+    ins = list(ins)
+    if ctx.fresh:
+      for i in bands:
+        ins[i] = time_block(ctx, ins[i], h.axis, h.ahead)
+    elif h.window is not None:
+      for i, band in bands.items():
+        ins[i] = band.at(ctx, h, e.in_avals[i].shape)
+      if rest:
+        positions = ring_positions(ctx, h, size)
+        for i in rest:
+          ins[i] = jnp.take(ins[i], positions, axis=h.key_axis)
+    return bind(e.eqn, ins, params)
+  rest = [i for i in gathered if i not in bands]
+  converted = pointwise(e, operand_axes, [h.axis] * len(e.out_avals), resize,
+                        run=run, out_kinds=[out] * len(e.out_avals))
+  # a table read at the ring's slots serves blocks of one only
+  return converted._replace(blocks=h.window is None or not rest)
+
+
+class _Band(NamedTuple):
+  """A constant over (rows, keys) that is ``inside`` where ``0 <= i - j <
+  window`` and ``outside`` elsewhere."""
+  inside: Any
+  outside: Any
+
+  def at(self, ctx, h, shape):
+    """Its rows in this block over the keys the ring gives them: in a step
+    the ring's slots (a slot not yet filled holds no key of the window), in
+    a longer block the ring in order of position then the block's own."""
+    w, k = h.window, ctx.size
+    first = ctx.start + h.ahead
+    if ctx.is_step:
+      keys = first - jnp.mod(first - jnp.arange(w), w)
+    else:
+      keys = first - w + jnp.arange(w + k)
+    rows = first + jnp.arange(k)
+    distance = (rows.reshape([k if d == h.axis else 1
+                              for d in range(len(shape))]) -
+                keys.reshape([keys.size if d == h.key_axis else 1
+                              for d in range(len(shape))]))
+    inside = (distance >= 0) & (distance < w) & (
+        keys >= 0).reshape([keys.size if d == h.key_axis else 1
+                            for d in range(len(shape))])
+    value = jnp.where(inside, self.inside, self.outside)
+    target = [k if d == h.axis else keys.size if d == h.key_axis else n
+              for d, n in enumerate(shape)]
+    return jnp.broadcast_to(value, target)
+
+
+def _band(e, i, h):
+  """Operand ``i`` as a :class:`_Band` for ``h``'s window, or None."""
+  values = e.known(i)
+  if values is None or values.shape != e.in_avals[i].shape:
+    return None
+  rows, keys = rows_keys(values.shape, h.axis, h.key_axis)
+  inside = np.broadcast_to((rows - keys >= 0) & (rows - keys < h.window),
+                           values.shape)
+  within, beyond = values[inside], values[~inside]
+  if not within.size or not beyond.size:
+    return None
+  if not ((within == within.flat[0]).all() and
+          (beyond == beyond.flat[0]).all()):
+    return None
+  return _Band(within.flat[0], beyond.flat[0])
+
+
+@register(*[p for p in elementwise.ELEMENTWISE if p is not P.select_n_p],
+          history=True)
+def elementwise_rule(e):
+  """Elementwise ops on scores: position by position, so causal; the future
+  record follows the op."""
+  h = history_axes(e)
+  region = future_region(e.out_avals[0].shape, h.axis, h.key_axis, h.window)
+  futures = [operand_future(e, i, region) for i in range(len(e.in_kinds))]
+  futures = [EXACT if f == "row" else f for f in futures]
+  future = masks.additive_mask(e, h, futures, region)
+  if future is None:
+    future = combine_future(e, futures)
+  return history_pointwise(e, h, future)
+
+
+
+@register(P.select_n_p, history=True)
+def select_rule(e):
+  """``jnp.where(mask, scores, fill)``: the mask must be known at conversion
+  time; where it picks at a future key, the picked case must be exact there.
+  Picking one constant at every future key makes the scores exact. Also
+  records the window the mask proves (keys older than w picked as fill)."""
+  h = history_axes(e)
+  return history_pointwise(e, h, masks.select_future(e, h))
+
+
+# -- structure and reductions on scores ---------------------------------------
+@register(P.broadcast_in_dim_p, P.reshape_p, P.transpose_p, P.squeeze_p,
+          history=True)
+def structural_rule(e):
+  """Moves the rows and the key axis; causal when both stay whole axes."""
+  h = e.in_kinds[0]
+  name = e.primitive.name
+  ndim = e.in_avals[0].ndim
+  if name == "broadcast_in_dim":
+    new = [e.params["broadcast_dimensions"][a] for a in (h.axis, h.key_axis)]
+  elif name == "transpose":
+    new = [list(e.params["permutation"]).index(a) for a in (h.axis,
+                                                           h.key_axis)]
+  elif name == "squeeze":
+    dims = [d % ndim for d in e.params["dimensions"]]
+    if h.axis in dims or h.key_axis in dims:
+      raise e.refuse("it squeezes away an axis of the attention scores")
+    new = [a - sum(d < a for d in dims) for a in (h.axis, h.key_axis)]
+  else:
+    new = [structural.reshape_out_axis(e.in_avals[0].shape, a,
+                                       e.out_avals[0].shape)
+           for a in (h.axis, h.key_axis)]
+    if None in new or e.params.get("dimensions") is not None:
+      raise e.refuse("it reshapes attention scores across their query or "
+                     "key axis")
+  axis, key_axis = new
+  key = {"broadcast_in_dim": "shape", "reshape": "new_sizes"}.get(name)
+
+  def resize(params, n):
+    return dict(params, **{key: with_size(params[key], axis, n)})
+  out = h.replace(axis=axis, key_axis=key_axis)
+  return pointwise(e, [h.axis] + [None] * (len(e.in_avals) - 1), [axis],
+                   resize if key else None, out_kinds=[out])
+
+
+@register(P.reduce_sum_p, P.reduce_max_p, P.reduce_min_p, P.reduce_prod_p,
+          P.argmax_p, P.argmin_p, history=True)
+def reduce_rule(e):
+  """Over the key axis: causal when the rows are exact (a proven mask came
+  first); the result is scanned. Over other axes: still scores."""
+  h = e.in_kinds[0]
+  ndim = e.in_avals[0].ndim
+  axes = [d % ndim for d in e.params["axes"]]
+  name = e.primitive.name
+  if h.axis in axes:
+    raise e.refuse(f"{name} reduces over the query positions of attention "
+                   "scores")
+  new_axis = h.axis - sum(d < h.axis for d in axes)
+  if h.key_axis in axes:
+    if is_tainted(h.future):
+      raise e.refuse(
+          f"{name} reduces over every position of the sequence (the keys of "
+          "q·kᵀ) and no causal mask removes the future positions first")
+    if h.future is LOW and name not in ("reduce_max", "argmax"):
+      raise e.refuse(
+          f"{name} over the keys of scores masked by addition: their future "
+          "entries are large and negative in both modes but not equal, so "
+          "only a maximum (softmax's) may be taken over them")
+    if h.window is not None and not (
+        (name == "reduce_max" and h.future in (NEG, LOW)) or
+        (name == "reduce_sum" and h.future == 0.0)):
+      raise e.refuse(f"{name} over a window's ring of keys would miss the "
+                     "positions outside the window")
+    return pointwise(e, [h.axis], [new_axis])
+  new_key = h.key_axis - sum(d < h.key_axis for d in axes)
+  if is_tainted(h.future):
+    future = h.future if name == "reduce_sum" else TAINTED
+  elif h.future is LOW:
+    future = LOW if name == "reduce_max" else TAINTED
+  else:
+    future = h.future if h.future == 0.0 and name == "reduce_sum" else EXACT
+  out = h.replace(axis=new_axis, key_axis=new_key, future=future)
+  return pointwise(e, [h.axis], [new_axis], out_kinds=[out])
+
+
+@register(P.jit_p, P.closed_call_p, P.custom_jvp_call_p, P.custom_vjp_call_p,
+          P.remat_p, history=True)
+def call_rule(e):
+  """Calls on scores convert their body (``jnp.where`` is a jit)."""
+  return calls.call_rule(e)
+
+
