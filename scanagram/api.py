@@ -114,11 +114,17 @@ class StepFunctions:
     closed = _traced(self._flat_fun(self._rows), specs)
     in_kinds = [UNSCANNED if a is None else Scanned(a)
                 for a in self._time_axes]
+    # the unscanned inputs that are data, not parameters: what is computed
+    # from them with real work (an encoder) is computed once and carried.
+    # With rows, those with rows; a value of parameters alone would be
+    # copied per row.
+    in_data = [a is None and (not self._rows or r is not None)
+               for a, r in zip(self._time_axes, self._leaf_rows)]
     def convert(context):
       context["rows"] = self._rows   # rules may lay out for vmap
       return ConvertedJaxpr(closed.jaxpr, closed.consts, in_kinds,
-                            context=context)
-    self._converted = attention.convert_with_windows(convert)
+                            context=context, in_data=in_data)
+    self._converted = attention.convert_with_facts(convert)
     self._jaxpr = closed.jaxpr
     self._outputs = [self._output_rule(i, k, v) for i, (k, v) in
                      enumerate(zip(self._converted.out_kinds,
@@ -134,7 +140,7 @@ class StepFunctions:
     context = {}
     try:
       converted = ConvertedJaxpr(closed.jaxpr, closed.consts, kinds,
-                                 context=context)
+                                 context=context, once=False)
     except ScanConversionError as err:
       raise ScanConversionError(
           f"{why}this operation mixes rows (read 'scanned axis' as the batch "
@@ -666,7 +672,12 @@ def to_step(fun: Callable, *example_args, in_axes: Axes = 0,
     in_axes: like ``jax.vmap``'s: for each argument, the axis it is scanned
       along, or None for an argument that is not scanned (parameters, model
       state). Unscanned arguments are inputs of the derived functions, so one
-      compiled step serves every parameter value.
+      compiled step serves every parameter value. What takes real work to
+      compute from them (an encoder's output, cross-attention keys and
+      values) is computed once, by ``init`` or ``prefill``, and carried:
+      later calls must get the unscanned arguments the carry was made with.
+      (With ``batch_axes``, only from those with rows: work on parameters
+      alone is redone, not copied per row.)
     out_axes: the axis along which ``fun``'s outputs run in time (as in
       ``fun``'s own outputs; an output whose time axis is elsewhere is
       refused). A step output has it removed.

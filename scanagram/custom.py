@@ -216,8 +216,11 @@ def custom_scanagram_rule(e):
       return new, _check_outs(e, name, ys)
     carry, ys = run_steps(ctx, carry, xs)
     return carry, _check_outs(e, name, ys)
+  # the values the body closes over serve the body only, which the
+  # conversion does not run: no block on a state needs them
   return Converted([Scanned(a, leaves.ahead) for a in out_axes], advance,
-                   True)
+                   True, step_reads=(False,) * n_consts +
+                   (True,) * (len(e.in_kinds) - n_consts))
 
 
 def _check_outs(e, name, ys):

@@ -9,7 +9,10 @@ the empty state, a step a block of one.
 The interpreter owns what every rule would otherwise repeat: operands that
 run ahead by different amounts are delayed to the least (``DelayLine``), so a
 rule sees one ``ahead``. Equations whose inputs are all unscanned run
-unchanged.
+unchanged in the fresh block; in later blocks, what took real work on data
+(an encoder) is read from the state instead (:class:`_Plan`), and
+broadcasts, iotas and masks that rules read through :func:`time_block` are
+built only at the block's positions (:class:`Deferred`).
 """
 import contextlib
 import contextvars
@@ -22,12 +25,14 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
+from scanagram import pasts, symbolic
 from scanagram.errors import ScanConversionError, refusal
 from scanagram.kinds import (UNSCANNED, WHOLE_SEQUENCE, History, Scanned,
                              is_scanned)
 
-# Evaluating a constant mask at conversion time is cheap; a constant bigger
-# than this is not a mask and is left to run time.
+# A constant evaluated concretely at conversion time has at most this many
+# elements; masks made from iota are kept symbolic (scanagram.symbolic) at
+# any size.
 _MAX_KNOWN_ELEMENTS = 1 << 24
 
 
@@ -84,6 +89,15 @@ class Block:
 _LENGTH_USES = contextvars.ContextVar("length_uses", default=None)
 
 
+_BLOCK_VALUES = contextvars.ContextVar("block_values")
+
+
+def block_values() -> dict:
+  """Values one equation computes for the block being traced and others of
+  the same jaxpr read (see :meth:`Eqn.first_to_share`)."""
+  return _BLOCK_VALUES.get()
+
+
 def needs_length(why: str):
   """Records, while a block is traced, that it reads something of length L
   (a buffer, a position table): such a state cannot serve positions >= L."""
@@ -113,16 +127,150 @@ def time_block(ctx: Block, x, axis: int, ahead: int = 0,
   the state does not need L for it."""
   size = x.shape[axis]
   first, n = ctx.span(size, ahead)
+  if isinstance(x, Deferred) and ctx.fresh:
+    x = x.full()
   if uniform:
-    one = lax.slice_in_dim(x, 0, 1, axis=axis)
+    one = part_along(x, axis, slice(0, 1))
     return jnp.broadcast_to(one, x.shape[:axis] + (n,) + x.shape[axis + 1:])
   needs_length(f"an unscanned array of length {size} along time")
+  if isinstance(x, Deferred):   # a block on a state: computes only its part
+    return x.part(axis, jnp.clip(first + jnp.arange(n), 0, size - 1))
   if ctx.fresh and n <= size:
     return lax.slice_in_dim(x, 0, n, axis=axis)
   if n == 1:
     return lax.dynamic_slice_in_dim(x, first, 1, axis)
   # dynamic_slice would shift the whole block back at the end
   return jnp.take(x, jnp.clip(first + jnp.arange(n), 0, size - 1), axis=axis)
+
+
+def full_value(x):
+  """``x``, computed whole if it is :class:`Deferred`."""
+  return x.full() if isinstance(x, Deferred) else x
+
+
+def part_along(x, axis: int, at):
+  """The elements of ``x`` (an array or :class:`Deferred`) along ``axis`` at
+  ``at``: a ``slice`` (static) or an int array of positions (in range)."""
+  if isinstance(x, Deferred):
+    return x.part(axis, at)
+  if isinstance(at, slice):
+    return lax.slice_in_dim(x, at.start, at.stop, axis=axis)
+  if at.shape[0] == 1:
+    return lax.dynamic_slice_in_dim(x, at[0], 1, axis)
+  return jnp.take(x, at, axis=axis)
+
+
+class Deferred:
+  """An unscanned value that a block on a state has not computed: output
+  ``index`` of ``eqn`` on ``ins`` (arrays or Deferred). :meth:`part` computes
+  only the elements a block reads (see :func:`time_block`) from the parts
+  of its operands along the matching axes, so a step never builds a
+  full-length broadcast, mask or position table only to slice it. ``eqn``
+  is one :func:`_by_position` accepts; along an axis it cannot slice, it
+  computes the whole value and slices that."""
+
+  def __init__(self, eqn, ins, index: int = 0):
+    self.eqn, self.ins, self.index = eqn, list(ins), index
+    aval = eqn.outvars[index].aval
+    self.shape, self.dtype = tuple(aval.shape), aval.dtype
+    self.ndim = len(self.shape)
+
+  def full(self):
+    return bind(self.eqn, self.ins)[self.index]   # bind makes the ins whole
+
+  def part(self, axis: int, at):
+    """:func:`part_along` of the whole value."""
+    eqn, params = self.eqn, self.eqn.params
+    size = self.shape[axis]
+    n = at.stop - at.start if isinstance(at, slice) else at.shape[0]
+    shape = self.shape[:axis] + (n,) + self.shape[axis + 1:]
+    name = eqn.primitive.name
+    if name == "broadcast_in_dim":
+      dims = list(params["broadcast_dimensions"])
+      src = self.ins[0]
+      if axis in dims and _shape(src)[dims.index(axis)] != 1:
+        src = part_along(src, dims.index(axis), at)
+      return bind(eqn, [src], dict(params, shape=shape))[0]
+    if name == "iota":
+      if params["dimension"] != axis:
+        return bind(eqn, [], dict(params, shape=shape))[0]
+      positions = jnp.arange(at.start, at.stop) if isinstance(
+          at, slice) else at
+      return lax.broadcast_in_dim(positions.astype(params["dtype"]), shape,
+                                  (axis,))
+    if name == "transpose":
+      src = part_along(self.ins[0], params["permutation"][axis], at)
+      return bind(eqn, [src])[0]
+    if name == "slice":
+      if params["strides"] is not None and params["strides"][axis] != 1:
+        return part_along(self.full(), axis, at)
+      begin = params["start_indices"][axis]
+      inner = (slice(at.start + begin, at.stop + begin)
+               if isinstance(at, slice) else at + begin)
+      limits = list(params["limit_indices"])
+      src = part_along(self.ins[0], axis, inner)
+      starts = list(params["start_indices"])
+      starts[axis], limits[axis] = 0, n
+      return bind(eqn, [src], dict(params, start_indices=tuple(starts),
+                                   limit_indices=tuple(limits)))[0]
+    if name == "gather":
+      batch = [d for d in range(self.ndim)
+               if d not in params["dimension_numbers"].offset_dims]
+      if axis in batch:   # a row of the output per row of the indices
+        indices = part_along(self.ins[1], batch.index(axis), at)
+        return bind(eqn, [full_value(self.ins[0]), indices])[0]
+      return part_along(self.full(), axis, at)
+    body = _call_body(eqn)
+    if body is not None:   # the body's equations are all by position
+      env = dict(zip(body.jaxpr.constvars, body.consts))
+      env.update(zip(body.jaxpr.invars, self.ins))
+      for inner in body.jaxpr.eqns:
+        ins = [_read(env, a) for a in inner.invars]
+        _write(env, inner.outvars, [Deferred(inner, ins, j)
+                                    for j in range(len(inner.outvars))])
+      return part_along(_read(env, body.jaxpr.outvars[self.index]), axis, at)
+    # elementwise: operands of size 1 along the axis (or scalars) broadcast
+    ins = [part_along(a, axis, at)
+           if len(_shape(a)) == self.ndim and _shape(a)[axis] == size
+           else full_value(a) for a in self.ins]
+    return bind(eqn, ins)[self.index]
+
+
+def _shape(x):
+  return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
+def _call_body(eqn):
+  """The ClosedJaxpr a ``jit`` or ``closed_call`` equation runs, or None."""
+  if eqn.primitive.name not in ("jit", "pjit", "closed_call"):
+    return None
+  body = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
+  return body if isinstance(body, jex_core.ClosedJaxpr) else None
+
+
+def _by_position(eqn) -> bool:
+  """Whether :class:`Deferred` can compute a part of ``eqn``'s outputs from
+  parts of its operands: a broadcast, an iota, a transpose, a slice, a
+  gather (along the indices' rows), an elementwise operation or a call of
+  those, without effects."""
+  if eqn.effects:
+    return False
+  name = eqn.primitive.name
+  if name in ("iota", "transpose", "slice") or (name == "broadcast_in_dim" and
+                                                len(eqn.invars) == 1):
+    return True
+  if name == "gather":   # rows picked by indices (a table at positions)
+    dims = eqn.params["dimension_numbers"]
+    return not dims.operand_batching_dims
+  if eqn.primitive in ELEMENTWISE_PRIMITIVES:
+    shape = eqn.outvars[0].aval.shape
+    return all(
+        isinstance(a, jex_core.Literal) or not a.aval.shape or (
+            len(a.aval.shape) == len(shape) and
+            all(d in (1, s) for d, s in zip(a.aval.shape, shape)))
+        for a in eqn.invars)
+  body = _call_body(eqn)
+  return body is not None and all(_by_position(e) for e in body.jaxpr.eqns)
 
 
 class DelayLine:
@@ -165,11 +313,19 @@ class Converted(NamedTuple):
   ``ctx.fresh`` (the rule makes its initial state) and for stateless
   equations. ``blocks=False``: the rule runs only fresh blocks and blocks of
   one; longer blocks on an existing state then run as a scan of steps.
+  ``reads``: variables of the same jaxpr (from :meth:`Eqn.made_from`) whose
+  block values ``advance`` gets after the equation's own inputs (a key
+  buffer holds the keys before they were repeated over heads).
   """
   out_kinds: Sequence[Any]
   advance: Callable
   stateful: bool
   blocks: bool = True
+  reads: Sequence[Any] = ()
+  # for each input, whether a block on an existing state reads it (None:
+  # every one); an unscanned value no such block reads is computed only in
+  # the fresh block, and carried when a block still needs what came of it
+  step_reads: Optional[Sequence[bool]] = None
 
 
 def stateless(out_kinds, apply) -> Converted:
@@ -182,6 +338,8 @@ def stateless(out_kinds, apply) -> Converted:
 def bind(eqn, invals, params=None):
   """Runs ``eqn``'s primitive on ``invals``, with ``params`` if given."""
   params = eqn.params if params is None else params
+  # a Deferred value read other than through time_block is computed whole
+  invals = [full_value(x) for x in invals]
   out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
   return list(out) if eqn.primitive.multiple_results else [out]
 
@@ -216,37 +374,85 @@ def register(*primitives, history: bool = False, aligned: bool = True):
 
 def _aligned(rule, e: "Eqn"):
   """Runs ``rule`` on ``e`` with its operands delayed to one ``ahead``; the
-  delay lines' queues join the equation's state."""
+  delay lines' queues join the equation's state. An operand that is a
+  pointwise function of a shift is recomputed from its source's past
+  instead, one :class:`scanagram.pasts.Past` per source value."""
   aheads = [k.ahead for k in e.in_kinds if k is not UNSCANNED]
   least = min(aheads)
   if rule in _UNALIGNED or len(set(aheads)) == 1:
     return rule(e)
-  lines = {i: DelayLine(k.axis, e.in_avals[i].shape[k.axis], least,
-                        k.ahead - least)
-           for i, k in enumerate(e.in_kinds)
-           if k is not UNSCANNED and k.ahead > least}
+  lines, sources, kept = {}, {}, {}   # kept: past key -> its state name
+  for i, k in enumerate(e.in_kinds):
+    if k is UNSCANNED or k.ahead == least:
+      continue
+    source = pasts.source_delay(e, i, least, ELEMENTWISE_PRIMITIVES,
+                                e.uniform_along_var)
+    if source is None:
+      lines[i] = DelayLine(k.axis, e.in_avals[i].shape[k.axis], least,
+                           k.ahead - least)
+      continue
+    sources[i] = source
+    # the first equation of the jaxpr to read a past keeps it
+    if source.key not in kept and e.first_to_share(source.key):
+      kept[source.key] = f"past {i}"
   e.in_kinds = tuple(
-      k if i not in lines else dataclasses.replace(k, ahead=least)
+      k if i not in lines and i not in sources
+      else dataclasses.replace(k, ahead=least)
       for i, k in enumerate(e.in_kinds))
   converted = rule(e)
+  n_rule = len(e.eqn.invars) + len(converted.reads)
+  extra = [v for s in sources.values() for v in (s.source,) + s.reads]
 
   def advance(ctx, state, ins):
     queues, inner = state if state is not None else ({}, None)
-    ins, new = list(ins), {}
+    values = dict(zip(extra, ins[n_rule:]))
+    ins, new = list(ins[:n_rule]), {}
     for i, line in lines.items():
-      new[i], ins[i] = line.advance(ctx, queues.get(i), ins[i])
+      new[f"line {i}"], ins[i] = line.advance(ctx, queues.get(f"line {i}"),
+                                              ins[i])
+    for i, source in sources.items():
+      scratch = block_values()
+      name = kept.get(source.key)
+      if name is not None and source.key not in scratch:
+        new[name], scratch[source.key] = source.past.advance(
+            ctx, queues.get(name), values[source.source])
+
+      def read(var, n, axis=source.past.axis):
+        x = values[var]
+        if not jnp.ndim(x):
+          return x
+        one = part_along(x, axis, slice(0, 1))
+        return jnp.broadcast_to(one, x.shape[:axis] + (n,) +
+                                x.shape[axis + 1:])
+      ins[i] = source.value(ctx, scratch[source.key], read, least)
     inner, outs = converted.advance(ctx, inner, ins)
     return (new, inner), outs
-  return converted._replace(advance=advance, stateful=True)
+  return converted._replace(
+      advance=advance, stateful=bool(lines or kept or converted.stateful),
+      reads=tuple(converted.reads) + tuple(extra))
+
+
+# structural equations that make a view of their operand (Eqn.value_key)
+_VIEWS = frozenset(["broadcast_in_dim", "reshape", "squeeze", "transpose",
+                    "convert_element_type", "copy"])
 
 
 class Eqn:
   """What a rule sees of one equation: its primitive, params, input kinds,
   abstract values, values known at conversion time, and how to refuse."""
 
+  shares = None   # the jaxpr's Eqn.first_to_share record
+
   def __init__(self, eqn, in_kinds, known_value, enclosing=(), context=None,
-               read=None, uniform_along=None):
+               read=None, uniform_along=None, made_from=None, data=None,
+               once=False):
     self.eqn = eqn
+    # which inputs depend on data (see ConvertedJaxpr), whether sub-jaxprs
+    # may compute values once, and the inputs the rule reads only through
+    # time_block (a Deferred value may stand for them in a block on a state)
+    self._data = data
+    self.once = once
+    self.block_reads = set()
     # whether each output is read later (by an equation or as an output of
     # the jaxpr); without the information, every one is
     self._uniform_along = uniform_along
@@ -261,6 +467,7 @@ class Eqn:
     self.in_avals = tuple(v.aval for v in eqn.invars)
     self.out_avals = tuple(v.aval for v in eqn.outvars)
     self._known_value = known_value
+    self._made_from = made_from
 
   def refuse(self, why: str) -> ScanConversionError:
     """The error to raise: ``raise e.refuse("reduce_sum sums over ...")``."""
@@ -272,18 +479,79 @@ class Eqn:
 
   def uniform(self, i: int, axis: int) -> bool:
     """Whether unscanned input ``i`` is the same at every index along
-    ``axis`` (a parameter broadcast along time)."""
+    ``axis`` (a parameter broadcast along time).
+
+    Asking is a promise: the rule reads input ``i`` only through
+    ``time_block(ctx, x, axis, ahead, uniform=<the answer>)`` (see
+    :meth:`reads_by_block`)."""
+    self.reads_by_block(i)
     return bool(self._uniform_along and
                 self._uniform_along(self.eqn.invars[i], axis))
+
+  def uniform_along_var(self, var, axis: int) -> bool:
+    """:meth:`uniform` for any unscanned variable of the jaxpr."""
+    return bool(self._uniform_along and self._uniform_along(var, axis))
+
+  def value_key(self, var):
+    """A key equal for variables that hold the same value: the variable, or
+    for a view made by a structural equation (``x[None]`` in each of two
+    calls), that equation and its operands' keys."""
+    made = self.made_from(var)
+    if made is None or made[0].primitive.name not in _VIEWS:
+      return var
+    eqn = made[0]
+    try:
+      params = tuple(sorted((k, v) for k, v in eqn.params.items()))
+      hash(params)
+    except TypeError:
+      return var
+    return (eqn.primitive.name, params,
+            tuple(a.val if isinstance(a, jex_core.Literal) else
+                  self.value_key(a) for a in eqn.invars))
+
+  def first_to_share(self, key) -> bool:
+    """Whether this equation is the first of its jaxpr to keep the state
+    ``key`` names (a buffer of one value): later equations with the same
+    key keep none and read the first one's values for the block from
+    :func:`block_values`."""
+    if self.shares is None:
+      return True
+    return self.shares.setdefault(key, self.eqn) is self.eqn
+
+  def made_from(self, var):
+    """``(eqn, in_kinds)`` of the equation of this jaxpr that computed
+    ``var`` (an input of this equation or one found through this method),
+    or None for an input of the jaxpr, a constant or a literal."""
+    if self._made_from is None or isinstance(var, jex_core.Literal):
+      return None
+    return self._made_from(var)
+
+  def reads_by_block(self, i: int):
+    """Declares that in blocks on a state the rule reads unscanned input
+    ``i`` only through :func:`time_block` (or hands it to a sub-jaxpr that
+    does): the interpreter may then pass a :class:`Deferred` value, of which
+    time_block computes only the block's part."""
+    self.block_reads.add(i)
+
+  def data(self, i: int) -> bool:
+    """Whether input ``i`` depends on a data input (not on parameters and
+    constants alone): a value computed from it with real work is carried."""
+    return True if self._data is None else self._data(self.eqn.invars[i])
 
   def known_thunks(self):
     return [lambda v=v: self._known_value(v) for v in self.eqn.invars]
 
-  def convert(self, closed_jaxpr, in_kinds, in_known=None) -> "ConvertedJaxpr":
-    """Converts a sub-jaxpr (the body of a call, scan, cond...)."""
+  def convert(self, closed_jaxpr, in_kinds, in_known=None, in_data=None,
+              once=True) -> "ConvertedJaxpr":
+    """Converts a sub-jaxpr (the body of a call, scan, cond...).
+
+    ``in_data``: for each of its inputs, whether it depends on data (default:
+    every one does); ``once=False`` when the sub-jaxpr runs more than once
+    per block with one state (a while loop's body): it then computes its
+    unscanned values in every block."""
     return ConvertedJaxpr(closed_jaxpr.jaxpr, closed_jaxpr.consts, in_kinds,
                           in_known, self.enclosing + (self.eqn,),
-                          self.context)
+                          self.context, in_data, once and self.once)
 
 
 class ConvertedJaxpr:
@@ -292,8 +560,9 @@ class ConvertedJaxpr:
   equation's state, in program order."""
 
   def __init__(self, jaxpr, consts, in_kinds, in_known=None, enclosing=(),
-               context=None):
+               context=None, in_data=None, once=True):
     self.jaxpr = jaxpr
+    self.once = once
     # shared by the whole conversion, nested jaxprs included: rules that
     # learn something downstream (a proven attention window) record it here
     self.context = {} if context is None else context
@@ -301,8 +570,10 @@ class ConvertedJaxpr:
     self.consts = list(consts)
     self.in_known = list(in_known) if in_known else [lambda: None] * len(
         jaxpr.invars)
-    kinds = {}
+    kinds = self.kinds_so_far = {}
     self._producer = {}
+    self._made_by = {}   # every variable an equation computed -> that one
+    self._shares = {}    # Eqn.first_to_share: state key -> its keeper
     self._known = {v: np.asarray(c) for v, c in zip(jaxpr.constvars, consts)
                    if _is_array(c)}
     for v in jaxpr.constvars:
@@ -315,6 +586,8 @@ class ConvertedJaxpr:
                   if not isinstance(v, jex_core.Literal)}
     self._read.update(v for v in jaxpr.outvars
                       if not isinstance(v, jex_core.Literal))
+    self._data = _data_flags(jaxpr, in_data)
+    self._block_reads = {}   # id(eqn) -> inputs its rule reads by block
     for index, eqn in enumerate(jaxpr.eqns):
       in_kinds_eqn = [_kind_of(kinds, a) for a in eqn.invars]
       if not any(map(is_scanned_or_history, in_kinds_eqn)):
@@ -337,8 +610,10 @@ class ConvertedJaxpr:
                                         self.context.get("max_ahead", 0))
       for v, k in zip(eqn.outvars, out_kinds):
         kinds[v] = k
+        self._made_by[v] = eqn
     self.kinds = kinds
     self.out_kinds = tuple(_kind_of(kinds, v) for v in jaxpr.outvars)
+    self._plan = _Plan(self)
 
   def _convert_eqn(self, eqn, in_kinds):
     if WHOLE_SEQUENCE in in_kinds:
@@ -357,10 +632,13 @@ class ConvertedJaxpr:
       raise self._refusal(
           eqn, f"scanagram has no rule for `{eqn.primitive.name}` applied to "
           "a value that depends on the scanned input")
+    e = Eqn(eqn, in_kinds, self.known_value, self.enclosing, self.context,
+            self._read, self.uniform_along, self._made_from, self._is_data,
+            self.once)
+    self._block_reads[id(eqn)] = e.block_reads
+    e.shares = self._shares
     try:
-      converted = _aligned(rule, Eqn(eqn, in_kinds, self.known_value,
-                                     self.enclosing, self.context,
-                                     self._read, self.uniform_along))
+      converted = _aligned(rule, e)
     except ScanConversionError:
       raise
     except Exception as err:  # a rule bug must still name the user's line
@@ -372,6 +650,12 @@ class ConvertedJaxpr:
 
   def _refusal(self, eqn, why):
     return refusal(eqn, why, self.enclosing)
+
+  def _made_from(self, var):
+    eqn = self._made_by.get(var)
+    if eqn is None:
+      return None
+    return eqn, tuple(_kind_of(self.kinds_so_far, a) for a in eqn.invars)
 
   def uniform_along(self, var, axis: int) -> bool:
     """Whether unscanned ``var`` is the same at every index along ``axis``:
@@ -398,8 +682,12 @@ class ConvertedJaxpr:
 
   # -- values known at conversion time (masks, position tables) -------------
   def known_value(self, var):
-    """The concrete value of an unscanned ``var`` that depends on no input of
-    the function, or None."""
+    """The value of an unscanned ``var`` if it depends on no input of the
+    function: a concrete array, a :class:`scanagram.symbolic.Lazy` (a
+    function of its indices, such as a mask made from ``iota``: it
+    materialises on ``np.asarray``) or a
+    :class:`scanagram.symbolic.Unavailable` saying why it cannot be known
+    (too large, side effects). None when it depends on an input."""
     if isinstance(var, jex_core.Literal):
       return np.asarray(var.val)
     if var in self._known:
@@ -414,34 +702,62 @@ class ConvertedJaxpr:
     return value
 
   def _evaluate_known(self, eqn, var):
-    if any(np.prod(v.aval.shape, dtype=np.int64) > _MAX_KNOWN_ELEMENTS
-           for v in eqn.outvars if hasattr(v.aval, "shape")):
-      return None
     if eqn.effects:
-      return None
+      return symbolic.Unavailable(
+          f"`{eqn.primitive.name}` has side effects")
     ins = [self.known_value(a) for a in eqn.invars]
     if any(x is None for x in ins):
       return None
-    try:
-      with jax.ensure_compile_time_eval():
-        outs = bind(eqn, ins)
-    except Exception:  # not evaluable eagerly: treat as unknown
-      return None
+    # lazily where it keeps a function of the indices (no L×L mask is
+    # built); anything else concretely, up to _MAX_KNOWN_ELEMENTS
+    outs = symbolic.evaluate(eqn, ins, ELEMENTWISE_PRIMITIVES,
+                             _MAX_KNOWN_ELEMENTS)
     for v, o in zip(eqn.outvars, outs):
-      self._known[v] = np.asarray(o)
+      self._known[v] = o
     return self._known[var]
 
   # -- running ---------------------------------------------------------------
   def advance(self, ctx: Block, state, invals):
     """``(state, outvals)`` after block ``ctx``; ``state`` is None when
     ``ctx.fresh``."""
+    token = _BLOCK_VALUES.set({})
+    try:
+      return self._advance(ctx, state, invals)
+    finally:
+      _BLOCK_VALUES.reset(token)
+
+  def _advance(self, ctx, state, invals):
     env = dict(zip(self.jaxpr.constvars, self.consts))
     env.update(zip(self.jaxpr.invars, invals))
     state, new_state = state or {}, {}
-    for eqn, converted, name in self.entries:
-      ins = [_read(env, a) for a in eqn.invars]
-      if converted is None:
+    plan, fresh = self._plan, ctx.fresh
+    for index, (eqn, converted, name) in enumerate(self.entries):
+      if converted is None and not fresh and index not in plan.run:
+        # computed in the fresh block: later blocks read what it carried
+        for v, key, perm in plan.carried_by.get(index, ()):
+          new_state[key] = state[key]
+          env[v] = _unpermuted(state[key], perm)
+        continue
+      if converted is not None and not fresh:
+        reads = plan.step_reads[index]
+        ins = [_read(env, a) if reads[i] else None
+               for i, a in enumerate(eqn.invars)]
+      else:
+        ins = [_read(env, a) for a in eqn.invars]
+      if converted is not None and converted.reads:
+        ins += [env[v] for v in converted.reads]
+      if converted is None and not fresh and index in plan.lazy:
+        outs = [Deferred(eqn, ins, j) for j in range(len(eqn.outvars))]
+      elif converted is None:
         outs = bind(eqn, ins)
+        for v, key, perm in plan.carried_by.get(index, ()):
+          j = eqn.outvars.index(v)
+          if fresh:
+            new_state[key] = outs[j] if perm is None else jnp.transpose(
+                outs[j], perm)
+          else:   # (the equation runs for another output)
+            new_state[key] = state[key]
+            outs[j] = _unpermuted(state[key], perm)
       else:
         s, outs = converted.advance(ctx, state.get(name), ins)
         if name is not None:
@@ -451,12 +767,223 @@ class ConvertedJaxpr:
 
   @property
   def stateful(self) -> bool:
-    return any(name is not None for _, _, name in self.entries)
+    return bool(self._plan.carried_by) or any(
+        name is not None for _, _, name in self.entries)
+
+  @property
+  def step_reads(self) -> tuple:
+    """For each input, whether a block on a state reads it."""
+    return self._plan.invar_reads
+
+  @property
+  def lazy_invars(self) -> tuple:
+    """For each input, whether a block on a state reads it only through
+    :func:`time_block` (a :class:`Deferred` value may stand for it)."""
+    return self._plan.lazy_invars
+
+  def _is_data(self, var) -> bool:
+    if isinstance(var, jex_core.Literal):
+      return False
+    return self._data.get(var, True)
 
   @property
   def blocks(self) -> bool:
     """Whether every equation runs blocks longer than one on a state."""
     return all(c is None or c.blocks for _, c, _ in self.entries)
+
+
+# primitives whose result takes real work: a value they compute from data is
+# carried from the fresh block rather than recomputed in every block
+_REAL_WORK = frozenset("""
+dot_general conv_general_dilated reduce_sum reduce_max reduce_min
+reduce_prod reduce_and reduce_or reduce_xor reduce argmax argmin cumsum
+cumprod cummax cummin cumlogsumexp sort top_k approx_top_k scan while fft
+cholesky eig eigh lu qr svd triangular_solve schur hessenberg tridiagonal
+tridiagonal_solve householder_product custom_linear_solve reduce_window_sum
+reduce_window_max reduce_window_min reduce_window select_and_scatter_add
+select_and_gather_add
+""".split())
+
+
+def _takes_real_work(eqn) -> bool:
+  """A contraction, convolution, reduction, loop, cumulative op, sort... or
+  a call, cond or custom derivative whose body has one."""
+  if eqn.primitive.name in _REAL_WORK:
+    return True
+  return any(_takes_real_work(inner) for body in _sub_jaxprs(eqn)
+             for inner in body.eqns)
+
+
+def _sub_jaxprs(eqn):
+  for param in eqn.params.values():
+    for x in param if isinstance(param, (list, tuple)) else [param]:
+      if isinstance(x, jex_core.ClosedJaxpr):
+        yield x.jaxpr
+      elif isinstance(x, jex_core.Jaxpr):
+        yield x
+
+
+def _data_flags(jaxpr, in_data):
+  """``var -> bool``: whether each variable depends on a data input
+  (``in_data``; by default every input is data), not on constants or
+  parameters alone."""
+  if in_data is None:
+    in_data = [True] * len(jaxpr.invars)
+  data = {v: False for v in jaxpr.constvars}
+  data.update((v, bool(d)) for v, d in zip(jaxpr.invars, in_data))
+  for eqn in jaxpr.eqns:
+    d = any(data.get(a, True) for a in eqn.invars
+            if not isinstance(a, jex_core.Literal))
+    data.update((v, d) for v in eqn.outvars)
+  return data
+
+
+class _Plan:
+  """What a block on a state (not fresh) runs of a jaxpr's unscanned
+  equations.
+
+  Every block gets the unscanned inputs the fresh block got (parameters, an
+  encoder's source), so an unscanned value is the same in every block. One
+  that takes real work (:func:`_takes_real_work`) on data (an encoder's
+  output, the cross-attention keys computed from it) is computed once, in
+  the fresh block, and carried (``carried_by``: equation index -> ``[(var,
+  state key)]``) when later blocks read it or a cheap function of it no
+  larger than it; the equations that only feed carried values do not run
+  (``run``: the unscanned equations that do). Values of parameters and
+  constants alone are recomputed: with rows (batch_axes) a carried one would
+  be copied per row, and a parameter or a view of one costs nothing.
+  ``lazy``: the equations run as :class:`Deferred` (every reader takes its
+  block's part through time_block). ``step_reads``: per converted
+  equation, the inputs a later block reads; ``invar_reads``,
+  ``lazy_invars``: the same for the jaxpr's inputs.
+  """
+
+  def __init__(self, cj):
+    entries, kinds, jaxpr = cj.entries, cj.kinds, cj.jaxpr
+    unscanned = [i for i, (_, c, _) in enumerate(entries) if c is None]
+    producer = {v: i for i in unscanned for v in entries[i][0].outvars}
+
+    def variables(atoms):
+      return [a for a in atoms if not isinstance(a, jex_core.Literal)]
+
+    heavy = {}
+    for i in unscanned:
+      eqn = entries[i][0]
+      h = any(heavy.get(a, False) for a in variables(eqn.invars)) or (
+          _takes_real_work(eqn) and any(map(cj._is_data, eqn.invars)))
+      heavy.update((v, h) for v in eqn.outvars)
+
+    # what blocks on a state read: converted equations' inputs, the outputs
+    self.step_reads, roots = {}, []
+    users = {}   # var -> its readers in such blocks
+
+    def use(v, user):
+      users.setdefault(v, []).append(user)
+    for i, (eqn, converted, _) in enumerate(entries):
+      if converted is None:
+        if eqn.effects:   # a callback runs in every block
+          roots.extend(variables(eqn.invars))
+        continue
+      reads = converted.step_reads
+      if reads is None or not cj.once:
+        reads = [True] * len(eqn.invars)
+      # (a sequence is always passed on: its delay line reads it)
+      reads = self.step_reads[i] = tuple(
+          bool(r) or _kind_of(kinds, a) is not UNSCANNED
+          for r, a in zip(reads, eqn.invars))
+      for j, a in enumerate(eqn.invars):
+        if reads[j] and not isinstance(a, jex_core.Literal):
+          roots.append(a)
+          use(a, ("rule", i, j))
+      for v in getattr(converted, "reads", ()):
+        roots.append(v)
+        use(v, ("other",))
+    for v in variables(jaxpr.outvars):
+      roots.append(v)
+      use(v, ("other",))
+
+    self.carried_by, carried = {}, set()
+    if not cj.once:
+      self.run = set(unscanned)
+    else:
+      self.run = {i for i in unscanned if entries[i][0].effects}
+      seen = set()
+      while roots:
+        v = roots.pop()
+        if v in seen or v not in producer:
+          continue
+        seen.add(v)
+        i = producer[v]
+        eqn = entries[i][0]
+        if heavy[v] and (_takes_real_work(eqn) or sum(
+            _size(a) for a in variables(eqn.invars) if heavy.get(a)) >=
+                         _size(v)):
+          j = eqn.outvars.index(v)
+          key = f"{i}_{eqn.primitive.name}" + (
+              f"_{j}" if len(eqn.outvars) > 1 else "")
+          self.carried_by.setdefault(i, []).append([v, key, None])
+          carried.add(v)
+          continue
+        if i not in self.run:
+          self.run.add(i)
+          roots.extend(variables(eqn.invars))
+    for i in self.run:
+      for a in variables(entries[i][0].invars):
+        use(a, ("eqn", i))
+    for carried_here in self.carried_by.values():
+      for entry in carried_here:
+        entry[2] = _carried_layout(entry[0], users.get(entry[0], ()),
+                                   entries)
+
+    # in program order backwards: readers are decided before their operands
+    self.lazy = set()
+
+    def by_block(v):
+      return v not in carried and all(
+          (u[0] == "rule" and u[2] in cj._block_reads[id(entries[u[1]][0])])
+          or (u[0] == "eqn" and u[1] in self.lazy)
+          for u in users.get(v, ()))
+    for i in sorted(self.run, reverse=True):
+      eqn = entries[i][0]
+      if _by_position(eqn) and all(by_block(v) for v in eqn.outvars):
+        self.lazy.add(i)
+    self.invar_reads = tuple(not cj.once or v in users or
+                             kinds[v] is not UNSCANNED for v in jaxpr.invars)
+    self.lazy_invars = tuple(v in users and by_block(v)
+                             for v in jaxpr.invars)
+
+
+def _carried_layout(var, users, entries):
+  """The permutation to carry ``var`` in: with the batch axes first when
+  every block on a state reads it as an operand of the same contraction
+  (cross-attention keys ``[B, S, H, dh]`` in ``[B, H, S, dh]``), the layout
+  in which XLA reads it in place; each block transposes it back, which XLA
+  folds into the product instead of copying the whole array every step.
+  None: as it is."""
+  perms = set()
+  for user in users:
+    if user[0] != "rule":
+      return None
+    eqn = entries[user[1]][0]
+    if eqn.primitive.name != "dot_general":
+      return None
+    _, batch = eqn.params["dimension_numbers"]
+    side = user[2]
+    perm = tuple(batch[side]) + tuple(d for d in range(var.aval.ndim)
+                                      if d not in batch[side])
+    perms.add(perm)
+  if len(perms) != 1:
+    return None
+  perm, = perms
+  return None if perm == tuple(sorted(perm)) else perm
+
+
+def _unpermuted(x, perm):
+  return x if perm is None else jnp.transpose(x, np.argsort(perm))
+
+
+def _size(var) -> int:
+  return int(np.prod(var.aval.shape, dtype=np.int64))
 
 
 def is_scanned_or_history(kind) -> bool:

@@ -1,7 +1,11 @@
 """Shared checks: the contract every rule must meet."""
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1")
+# Tests compile thousands of small programs: XLA's backend optimisations
+# would cost more than they save (the benchmarks run fully optimised).
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=1 "
+                      "--xla_backend_optimization_level=0 "
+                      "--xla_llvm_disable_expensive_passes=true")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
@@ -78,7 +82,8 @@ def check_scan(fun, xs, prefill_lengths=None, tol=None):
   """One ``scanagram.to_step(fun, xs)`` (time axis 0 of ``xs`` and of the
   outputs) meets the contract:
 
-  * ``lax.scan(step, init, xs)`` equals ``fun(xs)``;
+  * stepping ``init`` through ``xs`` (the jitted step, element by element,
+    as ``lax.scan`` of it would) equals ``fun(xs)``;
   * after a prefill of every length p in ``prefill_lengths`` (default: 0, 1,
     L // 2, L) the prefill's outputs equal ``fun(xs)[:p]``, its position is p,
     and stepping the rest equals ``fun(xs)[p:]``;
@@ -97,8 +102,21 @@ def check_scan(fun, xs, prefill_lengths=None, tol=None):
   want = fun(xs)
   fns = scanagram.to_step(fun, xs)
   step, init = fns.step, fns.init()
+  # one compiled step serves every prefill length (a lax.scan over each
+  # remaining length would compile once per length)
+  jitted = jax.jit(step)
+
+  def steps(carry, start, stop):
+    ys = []
+    for t in range(start, stop):
+      carry, y = jitted(carry, jax.tree.map(lambda x: x[t], xs))
+      ys.append(y)
+    if not ys:
+      return carry, part(want, 0, 0)
+    return carry, jax.tree.map(lambda *y: jnp.stack(y), *ys)
+
   assert int(fns.positions(init)) == 0
-  end, got = lax.scan(step, init, xs)
+  end, got = steps(init, 0, length)
   assert_trees_close(got, want, tol)
   assert int(fns.positions(end)) == length
   if prefill_lengths is None:
@@ -109,7 +127,7 @@ def check_scan(fun, xs, prefill_lengths=None, tol=None):
     assert int(fns.positions(carry)) == p
     if p == length:
       continue
-    end, got = lax.scan(step, carry, part(xs, p, length))
+    end, got = steps(carry, p, length)
     assert_trees_close(got, part(want, p, length), tol)
     for start, k in blocks(p, length):
       carry, ys = fns.extend(carry, part(xs, start, start + k))

@@ -22,11 +22,28 @@ def _body(e):
   raise e.refuse("cannot find the body of this call")
 
 
-def convert_call(e, body, in_kinds=None, in_known=None) -> Converted:
-  """Converts a call to ``body`` (a ClosedJaxpr) made by equation ``e``."""
-  sub = e.convert(body, e.in_kinds if in_kinds is None else in_kinds,
-                  e.known_thunks() if in_known is None else in_known)
-  return Converted(sub.out_kinds, sub.advance, sub.stateful, sub.blocks)
+def convert_call(e, body, picked=None) -> Converted:
+  """Converts a call to ``body`` (a ClosedJaxpr) made by equation ``e``: the
+  body takes the equation's inputs ``picked`` (default: all), in order.
+  Inputs map 1:1, so the body learns which are data, and the equation reads
+  in blocks on a state (and by block) only what the body does."""
+  n = len(e.in_kinds)
+  picked = list(range(n)) if picked is None else list(picked)
+  known = e.known_thunks()
+  sub = e.convert(body, [e.in_kinds[i] for i in picked],
+                  [known[i] for i in picked], [e.data(i) for i in picked])
+  step_reads, by_block = [False] * n, {}
+  for j, i in enumerate(picked):
+    step_reads[i] = step_reads[i] or sub.step_reads[j]
+    by_block[i] = by_block.get(i, True) and sub.lazy_invars[j]
+  for i, lazy in by_block.items():
+    if lazy:
+      e.reads_by_block(i)
+
+  def advance(ctx, state, ins):
+    return sub.advance(ctx, state, [ins[i] for i in picked])
+  return Converted(sub.out_kinds, advance, sub.stateful, sub.blocks,
+                   step_reads=tuple(step_reads))
 
 
 @register(P.jit_p, P.closed_call_p, P.custom_jvp_call_p, P.custom_vjp_call_p,
@@ -44,11 +61,4 @@ def linear_solve_rule(e):
   start = lengths.matvec + lengths.vecmat
   picked = list(range(start, start + lengths.solve)) + list(
       range(sum(lengths), len(e.in_kinds)))
-  kinds = [e.in_kinds[i] for i in picked]
-  known = [e.known_thunks()[i] for i in picked]
-  converted = convert_call(e, e.params["jaxprs"].solve, kinds, known)
-
-  def pick(ins):
-    return [ins[i] for i in picked]
-  return converted._replace(
-      advance=lambda ctx, state, ins: converted.advance(ctx, state, pick(ins)))
+  return convert_call(e, e.params["jaxprs"].solve, picked)

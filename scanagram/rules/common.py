@@ -9,8 +9,8 @@ from typing import Callable, Optional, Sequence
 from jax import lax
 import jax.numpy as jnp
 
-from scanagram.interpreter import (Converted, bind, needs_length, stateless,
-                                   time_block)
+from scanagram.interpreter import (Converted, bind, block_values,
+                                   needs_length, stateless, time_block)
 from scanagram.kinds import UNSCANNED, Scanned, is_scanned
 
 
@@ -154,8 +154,9 @@ def window_ahead(e, what, axis, input_ahead, padding, reach):
 class CausalWindow:
   """An operation over a window along time (a convolution, a pooling) whose
   front padding covers the window's reach, ``(K - 1) * dilation``. State: a
-  ring of the last ``reach`` elements of the front-padded input, indexed by
-  position modulo ``reach`` (Fast WaveNet's queues).
+  ring of the last ``ring_size >= reach`` elements of the front-padded
+  input (the fill before position 0), indexed by position modulo
+  ``ring_size`` (Fast WaveNet's queues).
 
   ``run(ins, padding, dilation)`` binds the operation with ``padding`` and
   ``dilation`` along time replaced (``ins[0]`` is the windowed input);
@@ -163,18 +164,46 @@ class CausalWindow:
   """
 
   def __init__(self, e, axis, out_axis, reach, size, dilation, padding,
-               ahead, run, fill):
+               ahead, run, fill, shared_fill=None):
     self.axis, self.out_axis = axis, out_axis
     self.reach, self.size, self.dilation = reach, size, dilation
     (self.lo, self.hi), self.ahead = padding, ahead
     self.run, self.fill = run, fill
     self.in_size = e.in_avals[0].shape[axis]
     self.out_size = e.out_avals[0].shape[out_axis]
+    # One ring per distinct input (a gated WaveNet's filter and gate read
+    # the same one): the ring holds the same elements for every window with
+    # the same input and fill (``shared_fill``, a constant).
+    # (sized by the longest window: positions index the ring the same way
+    # whatever the reach)
+    self.key, self.keeps, self._size = None, True, [reach]
+    if shared_fill is not None and e.shares is not None:
+      self.key = ("ring", e.value_key(e.eqn.invars[0]), axis,
+                  e.in_kinds[0].ahead, shared_fill)
+      self.keeps = e.first_to_share(self.key)
+      self._size = e.shares.setdefault(("ring size",) + self.key, [reach])
+      self._size[0] = max(self._size[0], reach)
+
+  @property
+  def ring_size(self) -> int:
+    return self._size[0]
 
   def converted(self):
-    return Converted([Scanned(self.out_axis, self.ahead)], self.advance, True)
+    return Converted([Scanned(self.out_axis, self.ahead)], self.advance,
+                     self.keeps)
 
   def advance(self, ctx, ring, ins):
+    """The window's outputs for the block; the ring after it (None for a
+    window that reads another's ring)."""
+    if self.key is not None and not ctx.fresh:
+      if self.keeps:
+        block_values()[self.key] = ring
+      else:
+        ring = block_values()[self.key]
+    ring, outs = self._advance(ctx, ring, ins)
+    return (ring if self.keeps else None), outs
+
+  def _advance(self, ctx, ring, ins):
     if self.hi > 0:  # past the input's end the training mode sees padding
       needs_length("a window padded at the end of the sequence")
     if ctx.fresh:
@@ -186,36 +215,38 @@ class CausalWindow:
     if self.hi > 0:
       x = self._past_end(x, first, ctx.size, ins)
     # the ring in order of position, then the block: every window is whole
-    ordered = jnp.take(ring, jnp.mod(first + jnp.arange(self.reach),
-                                     self.reach), axis=self.axis)
+    r = self.ring_size
+    ordered = jnp.take(ring, jnp.mod(first - r + jnp.arange(r) - self.lo, r),
+                       axis=self.axis)
     seq = lax.concatenate([ordered.astype(x.dtype), x], self.axis)
-    y = self.run([seq, *ins[1:]], (0, 0), self.dilation)
-    return self._ring_from(seq, first - self.reach, first + ctx.advanced), [y]
+    y = self.run([lax.slice_in_dim(seq, r - self.reach, None, axis=self.axis),
+                  *ins[1:]], (0, 0), self.dilation)
+    return self._ring_from(seq, first - r, first + ctx.advanced), [y]
 
   def _fresh(self, ctx, ins):
     x = ins[0]
     y = self.run(ins, (self.lo, max(self.hi, 0)), self.dilation)
     _, n = ctx.span(self.out_size, self.ahead)
     y = lax.slice_in_dim(y, 0, n, axis=self.out_axis)
-    # the front-padded input, with `reach` more in front so that a window
-    # before the first element is whole
+    # the front-padded input, with a ring's worth more in front so that a
+    # window before the first element is whole
     widths = [(0, 0)] * x.ndim
-    widths[self.axis] = (self.lo + self.reach, 0)
+    widths[self.axis] = (self.lo + self.ring_size, 0)
     padded = jnp.pad(x, widths, constant_values=self.fill(ins))
     consumed = ctx.real(self.in_size, self.ahead - self.lo + self.reach)
-    return self._ring_from(padded, -self.reach, self.lo + consumed), [y]
+    return self._ring_from(padded, -self.ring_size, self.lo + consumed), [y]
 
   def _ring_from(self, seq, seq_first, end):
-    """The ring after a block: the ``reach`` elements of ``seq`` (whose
+    """The ring after a block: the ``ring_size`` elements of ``seq`` (whose
     first element has padded index ``seq_first``) before padded index
-    ``end``, element p in slot p mod reach."""
-    e = end - seq_first
+    ``end``, the input's element at position p (padded index p + lo) in
+    slot p mod ring_size, whatever the padding of the window."""
+    e, r = end - seq_first, self.ring_size
     if isinstance(e, int):
-      last = lax.slice_in_dim(seq, e - self.reach, e, axis=self.axis)
+      last = lax.slice_in_dim(seq, e - r, e, axis=self.axis)
     else:
-      last = lax.dynamic_slice_in_dim(seq, e - self.reach, self.reach,
-                                      self.axis)
-    return jnp.take(last, jnp.mod(jnp.arange(self.reach) - end, self.reach),
+      last = lax.dynamic_slice_in_dim(seq, e - r, r, self.axis)
+    return jnp.take(last, jnp.mod(jnp.arange(r) - end + self.lo, r),
                     axis=self.axis)
 
   def _past_end(self, x, first, k, ins):
@@ -231,12 +262,13 @@ class CausalWindow:
       x = self._past_end(x, newest, 1, ins)
     taps = []
     for j in range(self.size - 1, 0, -1):
-      slot = jnp.mod(newest - j * self.dilation, self.reach)
+      slot = jnp.mod(newest - j * self.dilation - self.lo, self.ring_size)
       taps.append(lax.dynamic_slice_in_dim(ring, slot, 1, self.axis))
     taps.append(x)
     window = lax.concatenate(taps, self.axis)
     new_ring = lax.dynamic_update_slice_in_dim(
-        ring, x.astype(ring.dtype), jnp.mod(newest, self.reach), self.axis)
+        ring, x.astype(ring.dtype), jnp.mod(newest - self.lo, self.ring_size),
+        self.axis)
     if ctx.count is not None:
       new_ring = jnp.where(ctx.count > 0, new_ring, ring)
     return new_ring, [self.run([window, *ins[1:]], (0, 0), 1)]

@@ -143,9 +143,21 @@ def _scan_over_other_axis(e):
       for k in kinds[n_consts + n_carry:]]
   known = e.known_thunks()
   body_known = known[:n_consts] + [lambda: None] * (len(kinds) - n_consts)
+  # consts and xs map 1:1 to the body's inputs; the carry is data after an
+  # iteration if anything is
+  data = [e.data(i) for i in range(len(kinds))]
+  data[n_consts:n_consts + n_carry] = [any(data)] * n_carry
   sub, body_kinds = _body_fixed_point(
       e, body_kinds, slice(n_consts, n_consts + n_carry),
-      lambda ks: e.convert(body, ks, body_known))
+      lambda ks: e.convert(body, ks, body_known, data))
+  # each iteration carries its own values computed once (stacked with its
+  # state); xs no block on a state reads are not sliced, and consts read
+  # only by block may stay Deferred
+  reads = list(sub.step_reads)
+  reads[n_consts:n_consts + n_carry] = [True] * n_carry
+  for i in range(n_consts):
+    if sub.lazy_invars[i]:
+      e.reads_by_block(i)
   kinds[n_consts:n_consts + n_carry] = body_kinds[n_consts:n_consts + n_carry]
   align = _widened_carry(e, kinds[n_consts:n_consts + n_carry], n_consts)
   out_kinds = list(sub.out_kinds[:n_carry]) + [
@@ -159,6 +171,8 @@ def _scan_over_other_axis(e):
 
   def advance(ctx, states, ins):
     consts, carry, xs = split(align(ctx, ins))
+    xs = [x if ctx.fresh or read else None
+          for x, read in zip(xs, reads[n_consts + n_carry:])]
 
     def iteration(carry, x_state):
       x, state = x_state
@@ -168,7 +182,8 @@ def _scan_over_other_axis(e):
     carry, (ys, states) = lax.scan(iteration, list(carry), (list(xs), states),
                                    length=e.params["length"], reverse=reverse)
     return states, list(carry) + list(ys)
-  return Converted(out_kinds, advance, sub.stateful, sub.blocks)
+  return Converted(out_kinds, advance, sub.stateful, sub.blocks,
+                   step_reads=tuple(reads))
 
 
 @register(P.while_p)
@@ -181,13 +196,15 @@ def while_rule(e):
   n_carry = len(kinds) - nc - nb
   known = e.known_thunks()
   body_kinds = kinds[nc:]
+  # the body runs many times per block with no state of its own: nothing
+  # in it is computed once
   sub, body_kinds = _body_fixed_point(
       e, body_kinds, slice(nb, nb + n_carry),
       lambda ks: e.convert(body, ks, known[nc:nc + nb] +
-                           [lambda: None] * n_carry))
+                           [lambda: None] * n_carry, once=False))
   carry_kinds = body_kinds[nb:]
   align = _widened_carry(e, carry_kinds, nc + nb)
-  cond_sub = e.convert(cond, kinds[:nc] + carry_kinds)
+  cond_sub = e.convert(cond, kinds[:nc] + carry_kinds, once=False)
   if cond_sub.out_kinds[0] is not UNSCANNED:
     raise e.refuse("the while loop's condition depends on the scanned input, "
                    "so positions would run different numbers of iterations")
@@ -212,7 +229,13 @@ def cond_rule(e):
   if e.in_kinds[0] is not UNSCANNED:
     raise e.refuse("the branch taken depends on the scanned input")
   known = e.known_thunks()[1:]
-  subs = [e.convert(b, e.in_kinds[1:], known) for b in e.params["branches"]]
+  data = [e.data(i) for i in range(1, len(e.in_kinds))]
+  subs = [e.convert(b, e.in_kinds[1:], known, data)
+          for b in e.params["branches"]]
+  # a branch's values computed once live in its state (the same branch is
+  # taken in every block: its index does not depend on the sequence)
+  reads = [True] + [any(s.step_reads[i] for s in subs)
+                    for i in range(len(e.in_kinds) - 1)]
   out_kinds = subs[0].out_kinds
   if any(s.out_kinds != out_kinds for s in subs):
     raise e.refuse("its branches give outputs of different kinds "
@@ -241,4 +264,4 @@ def cond_rule(e):
                               states, ops)
     return (states if stateful else None), outs
   return Converted(out_kinds, advance, stateful,
-                   all(s.blocks for s in subs))
+                   all(s.blocks for s in subs), step_reads=tuple(reads))

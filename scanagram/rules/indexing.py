@@ -14,7 +14,7 @@ The index vector is always the last axis of the indices (JAX's convention).
 import numpy as np
 from jax.extend.core import primitives as P
 
-from scanagram import _jax_internals
+from scanagram import _jax_internals, symbolic
 from scanagram.interpreter import register
 from scanagram.kinds import is_scanned
 from scanagram.rules.common import only_scanned, pointwise, with_size
@@ -39,7 +39,7 @@ def _starts_at_zero(e, op_axis):
   if op_axis not in dn.start_index_map:
     return True
   indices = e.known(1)
-  if indices is None:
+  if indices is None or isinstance(indices, symbolic.Unavailable):
     return False
   return bool(np.all(indices[..., dn.start_index_map.index(op_axis)] == 0))
 

@@ -82,4 +82,4 @@ def conv_rule(e):
 
   # the training mode pads with zeros
   return CausalWindow(e, axis, out_axis, reach, size, dilation, (lo, hi),
-                      ahead, conv, lambda ins: 0).converted()
+                      ahead, conv, lambda ins: 0, shared_fill=0).converted()

@@ -40,20 +40,47 @@ from scanagram.rules.attention.contractions import is_attention_contraction
 from scanagram.rules.attention.future import is_exact_history
 
 
-def convert_with_windows(convert):
-  """Converts twice when a mask proved a sliding window: ``convert(context)``
-  first records the windows, then builds rings of that size, checked again
-  against the keys outside the window. Falls back to full buffers when that
-  second check fails."""
-  context = {}
-  converted = convert(context)
+def convert_with_facts(convert):
+  """Converts, learning from each conversion what the next one needs:
+  ``convert(context)`` records facts in ``context``.
+
+  * A score product whose mask was refused is converted again with its
+    operands' roles swapped (keys as the lhs, ``k·qᵀ``, as einops and named
+    einsums emit it), with every product of the same shape and dimensions
+    (the other layers); if that fails too, the first refusal stands.
+  * A mask that proves a sliding window: converted again with rings of that
+    size, checked again against the keys outside the window; full buffers
+    when that second check fails.
+  """
+  facts, first_error = {}, None
+  while True:
+    context = dict(facts)
+    try:
+      converted = convert(context)
+      break
+    except ScanConversionError as err:
+      first_error = first_error or err
+      swapped = _keys_first(context) | facts.get("keys_first", frozenset())
+      if swapped == facts.get("keys_first", frozenset()):
+        raise first_error from None
+      facts["keys_first"] = swapped
   if not context.get("windows"):
     return converted
   try:
-    rings = convert({"rings": context["windows"]})
+    rings = convert(dict(facts, rings=context["windows"]))
   except ScanConversionError:
     return converted
   # scores as an output are rows over all L keys, which a ring does not hold
   if any(isinstance(k, History) for k in rings.out_kinds):
     return converted
   return rings
+
+
+def _keys_first(context) -> frozenset:
+  """The score products to swap after a failed conversion: those whose mask
+  was refused, and every product with the same dimensions and shapes."""
+  products = context.get("score_products", {})
+  refused = {products[o] for o in context.get("refused_masks", ())
+             if o in products}
+  return frozenset(o for o, signature in products.items()
+                   if signature in refused)

@@ -1,13 +1,17 @@
 """The two contractions of attention: ``q·kᵀ`` (rows against every key,
 the keys join a buffer) and the weights times the values (causal when the
 weights are exactly 0 at every future key; the values join a buffer)."""
+from typing import Any, NamedTuple
+
 import jax.numpy as jnp
 from jax.extend.core import primitives as P
 
-from scanagram.interpreter import Converted, bind, register
+from scanagram.interpreter import Converted, bind, block_values, register
 from scanagram.kinds import History, Scanned, is_scanned
 from scanagram.rules import linalg
-from scanagram.rules.attention.buffers import batch_dims_first, make_buffer
+from scanagram.rules.attention import grouped
+from scanagram.rules.attention.buffers import (Buffer, RingBuffer,
+                                               batch_dims_first, make_buffer)
 from scanagram.rules.attention.future import TAINTED_FINITE, is_tainted
 from scanagram.rules.common import dot_out_axis
 
@@ -32,42 +36,106 @@ def is_attention_contraction(e) -> bool:
 
 
 def scores_rule(e):
-  """``q·kᵀ``: rows of the lhs against every position of the rhs. The rhs
-  joins a buffer (a ring when a later mask proved a window); the scores are
-  History with ``future=TAINTED``."""
-  q, k = e.in_kinds
+  """``q·kᵀ``: rows of the queries against every position of the keys. The
+  keys join a buffer (a ring when a later mask proved a window), before any
+  repeat over query heads; the scores are History with ``future=TAINTED``.
+  The queries are the lhs unless a first conversion found the mask proving
+  the other way round (``k·qᵀ``, as einops and named einsums write it)."""
+  origin = id(e.eqn)
+  ks = 0 if origin in e.context.get("keys_first", ()) else 1
+  qs = 1 - ks
+  q, k = e.in_kinds[qs], e.in_kinds[ks]
   dims = e.params["dimension_numbers"]
   ndims = [a.ndim for a in e.in_avals]
-  origin = id(e.eqn)
+  # what a retry with the roles swapped would need (see convert_with_facts)
+  e.context.setdefault("score_products", {})[origin] = (
+      dims, tuple(a.shape for a in e.in_avals))
   window = e.context.get("rings", {}).get(origin)
   if q.ahead != k.ahead:
     window = None
-  kind = History(dot_out_axis(dims, 0, q.axis, ndims),
-                 dot_out_axis(dims, 1, k.axis, ndims),
+  kind = History(dot_out_axis(dims, qs, q.axis, ndims),
+                 dot_out_axis(dims, ks, k.axis, ndims),
                  q.ahead, TAINTED_FINITE, window, origin)
+  grouped = _grouped(e, ks, window)
+  if grouped is not None:
+    return Converted([kind], grouped.advance, grouped.stateful,
+                     reads=(grouped.source,))
   # with rows (the block vmapped), the queries' batch axes first too: XLA
   # would otherwise transpose the whole key buffer to meet them every step.
   # (Without rows the same transpose makes it copy every buffer instead.)
   q_perm, params = None, e.params
   if e.context.get("rows"):
-    q_perm, params = batch_dims_first(e.params, e.in_avals, 0)
+    q_perm, params = batch_dims_first(e.params, e.in_avals, qs)
     q_perm = None if q_perm == sorted(q_perm) else q_perm
-  buffer, params = make_buffer(k, e, 1, window, params)
+  buffer, params = make_buffer(k, e, ks, window, params)
+  keys, stateful = _shared(e, e.eqn.invars[ks], buffer)
 
   def advance(ctx, buf, ins):   # state: the key buffer
-    qs, ks = ins
-    buf, keys = buffer.advance(ctx, buf, ks)
+    ins = list(ins)
+    buf, ins[ks] = keys(ctx, buf, ins[ks])
     if q_perm is not None:
-      qs = jnp.transpose(qs, q_perm)
-    return buf, bind(e.eqn, [qs, keys], params)
-  return Converted([kind], advance, True)
+      ins[qs] = jnp.transpose(ins[qs], q_perm)
+    return buf, bind(e.eqn, ins, params)
+  return Converted([kind], advance, stateful)
+
+
+class _Grouped(NamedTuple):
+  source: Any        # the variable the buffer holds
+  advance: Any
+  stateful: bool
+
+
+def _shared(e, var, buffer):
+  """``(read, stateful)``: ``read(ctx, buf, x) -> (buf, values)`` runs
+  ``buffer`` on ``var``'s block. One buffer per distinct value: the first
+  equation of the jaxpr that buffers ``var`` this way keeps the buffer; a
+  later one (the values of ``k·qᵀ`` when v is k, a layer reusing an earlier
+  layer's keys) reads what the first computed for the block."""
+  key = ("buffer", e.value_key(var), buffer.perm and tuple(buffer.perm),
+         buffer.ahead,
+         getattr(buffer, "window", None))
+  if e.first_to_share(key):
+    def keep(ctx, buf, x):
+      buf, values = buffer.advance(ctx, buf, x)
+      block_values()[key] = values
+      return buf, values
+    return keep, True
+  return (lambda ctx, buf, x: (buf, block_values()[key])), False
+
+
+def _grouped(e, side, window):
+  """Operand ``side`` buffered before its repeat over heads, and the
+  contraction read grouped from that buffer, or None (see
+  :mod:`grouped`)."""
+  x = grouped.expansion_of(e, side)
+  if x is None:
+    return None
+  (_, batch) = e.params["dimension_numbers"]
+  perm = grouped.source_batch_first(x, batch[side])
+  other = 1 - side
+  run = grouped.grouped_contraction(e.params, side, e.in_avals[other].ndim,
+                                    x, perm)
+  if run is None:
+    return None
+  size = x.shape[x.kind.axis]
+  if window is None:
+    buffer = Buffer(x.kind.axis, size, x.kind.ahead, perm)
+  else:
+    buffer = RingBuffer(x.kind.axis, size, x.kind.ahead, window, perm)
+
+  read, stateful = _shared(e, x.source, buffer)
+
+  def advance(ctx, buf, ins):   # state: the buffer of the source
+    buf, source = read(ctx, buf, ins[-1])
+    return buf, [run(ins[other], source)]
+  return _Grouped(x.source, advance, stateful)
 
 
 @register(P.dot_general_p, history=True, aligned=False)
 def weights_times_values_rule(e):
   """Weights (History) contracted over their key axis with a scanned value's
   time axis: causal when the weights are exactly 0 at every future key. The
-  values join a buffer."""
+  values join a buffer (before any repeat over query heads)."""
   hs = 0 if isinstance(e.in_kinds[0], History) else 1
   vs = 1 - hs
   h, v = e.in_kinds[hs], e.in_kinds[vs]
@@ -86,14 +154,19 @@ def weights_times_values_rule(e):
     raise e.refuse("its values run behind the attention rows")
   ndims = [a.ndim for a in e.in_avals]
   out_axis = dot_out_axis((contract, batch), hs, h.axis, ndims)
+  out_kinds = [Scanned(out_axis, h.ahead)]
+  grouped_values = _grouped(e, vs, h.window)
+  if grouped_values is not None:
+    return Converted(out_kinds, grouped_values.advance,
+                     grouped_values.stateful, reads=(grouped_values.source,))
   buffer, params = make_buffer(v, e, vs, h.window)
-
+  read, stateful = _shared(e, e.eqn.invars[vs], buffer)
   contract_weights_first = _weights_first(e, params, hs)
 
   def advance(ctx, buf, ins):   # state: the value buffer
-    buf, values = buffer.advance(ctx, buf, ins[vs])
+    buf, values = read(ctx, buf, ins[vs])
     return buf, contract_weights_first(ins[hs], values)
-  return Converted([Scanned(out_axis, h.ahead)], advance, True)
+  return Converted(out_kinds, advance, stateful)
 
 
 def _weights_first(e, params, hs):

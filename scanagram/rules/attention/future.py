@@ -1,8 +1,11 @@
 """The future record: what row i of attention scores holds at its future
 keys j > i (and, under a window w, at keys j <= i - w), and how each
 elementwise operation transforms it. See :class:`scanagram.kinds.History`."""
+from typing import NamedTuple, Optional, Tuple
+
 import numpy as np
 
+from scanagram import symbolic
 from scanagram.interpreter import bind
 from scanagram.kinds import EXACT, LOW, NEG, TAINTED, History, is_scanned
 
@@ -32,19 +35,93 @@ def rows_keys(shape, axis, key_axis):
   return rows, keys
 
 
-def future_region(shape, axis, key_axis, window=None):
-  """Boolean array broadcastable to ``shape``: True where key j > row i (or,
-  with a window w, outside it: j <= i - w)."""
-  rows, keys = rows_keys(shape, axis, key_axis)
-  region = keys > rows
-  if window is not None:
-    region = region | (keys <= rows - window)
-  return region
+class Region(NamedTuple):
+  """The future keys of scores of ``shape``: key j > row i (and, with a
+  window w, the keys outside it, j <= i - w), as a function of the
+  indices (never an L×L array)."""
+  shape: Tuple[int, ...]
+  axis: int
+  key_axis: int
+  window: Optional[int] = None
+
+  @property
+  def windows(self):
+    """Where the region changes along the keys besides j = i + 1."""
+    return () if self.window is None else (self.window,)
+
+  def at(self, idx):
+    """Whether each point of a :func:`scanagram.symbolic.sweep` is in it."""
+    rows, keys = idx[self.axis], idx[self.key_axis]
+    region = keys > rows
+    if self.window is not None:
+      region = region | (keys <= rows - self.window)
+    return region
+
+  def nonempty(self) -> bool:
+    nq, nk = self.shape[self.axis], self.shape[self.key_axis]
+    if 0 in self.shape:
+      return False
+    return nk > 1 or (self.window is not None and nq > self.window)
+
+  def __array__(self, dtype=None, copy=None):
+    """The old form: a boolean array broadcastable to ``shape``."""
+    rows, keys = rows_keys(self.shape, self.axis, self.key_axis)
+    region = keys > rows
+    if self.window is not None:
+      region = region | (keys <= rows - self.window)
+    return region if dtype is None else region.astype(dtype)
+
+
+def future_region(shape, axis, key_axis, window=None) -> Region:
+  """The future keys of scores of ``shape`` (see :class:`Region`)."""
+  return Region(tuple(shape), axis, key_axis, window)
 
 
 def as_marker(value):
   value = float(value)
   return NEG if value <= NEG_THRESHOLD else value
+
+
+class Same:
+  """Whether the values added so far (block by block) are all one value
+  (as ``np.all(values == values.flat[0])``: NaN never is)."""
+
+  def __init__(self):
+    self.first, self.seen, self.same = None, False, True
+
+  def add(self, values):
+    values = np.asarray(values).reshape(-1)
+    if not values.size:
+      return
+    if not self.seen:
+      self.first, self.seen = values[0], True
+    if self.same and not np.all(values == self.first):
+      self.same = False
+
+  @property
+  def value(self):
+    """The one value, or None (none seen, or several)."""
+    return self.first if self.seen and self.same else None
+
+
+def known_future(value, region: Region, dtype=None):
+  """What a constant holds at the future keys: the float it is at every
+  one of them, else EXACT (the same in both modes). Checked at one point
+  per piece of each row (:func:`scanagram.symbolic.sweep`)."""
+  if not region.nonempty():
+    return EXACT
+  scalar = symbolic.scalar_value(value)
+  if scalar is not None:
+    return float(scalar)
+  value = symbolic.lift(value, region.shape, dtype)
+  same = Same()
+  for points in symbolic.sweep(region.shape, region.axis, region.key_axis,
+                               [value], region.windows):
+    where = points.valid & region.at(points.idx)
+    same.add(value.at(points.idx)[where])
+    if not same.same:
+      break
+  return EXACT if same.value is None else float(same.value)
 
 
 def operand_future(e, i, region):
@@ -56,14 +133,13 @@ def operand_future(e, i, region):
   if is_scanned(kind):
     return "row"
   value = e.known(i)
-  if value is None:
+  if value is None or isinstance(value, symbolic.Unavailable):
+    # not known: the same array in both modes
     return EXACT
-  values = np.broadcast_to(value, np.broadcast_shapes(value.shape,
-                                                      region.shape))
-  picked = values[np.broadcast_to(region, values.shape)]
-  if picked.size and np.all(picked == picked.flat[0]):
-    return float(picked.flat[0])
-  return EXACT
+  try:
+    return known_future(value, region, e.in_avals[i].dtype)
+  except symbolic.TooLarge:
+    return EXACT  # the same array in both modes, whatever it holds
 
 
 def is_exact_history(kind) -> bool:

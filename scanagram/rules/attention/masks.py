@@ -1,11 +1,25 @@
 """Masks on attention scores, proven at conversion time: ``jnp.where`` with a
-known mask, an additive mask, and the window a mask proves."""
+known mask, an additive mask, and the window a mask proves.
+
+A proof never builds the L×L mask: the mask is a function of its indices
+(:mod:`scanagram.symbolic`), and each check visits one point per piece of
+each query's keys on which the mask, the cases and the future region are all
+constant (O(L · atoms) for a mask made from ``iota``; every key, block by
+block, for an arbitrary constant array). The checks give what evaluating
+them on the whole array would: the first offending element in C order, the
+first empty row, the largest distance kept."""
 import numpy as np
 
+from scanagram import symbolic
 from scanagram.kinds import EXACT, LOW, NEG, History, UNSCANNED, is_scanned
 from scanagram.rules.attention.future import (
-    NEG_THRESHOLD, TAINTED_FINITE, future_region, is_neg, is_tainted,
-    operand_future, picked_future, rows_keys)
+    NEG_THRESHOLD, TAINTED_FINITE, Same, future_region, is_neg, is_tainted,
+    operand_future, picked_future)
+
+
+def _cannot_check(why):
+  return ("scanagram cannot check at conversion time that its mask removes "
+          f"the future positions: {why}")
 
 
 def additive_mask(e, h, futures, region):
@@ -18,12 +32,21 @@ def additive_mask(e, h, futures, region):
     # an unscanned operand's future is a float or EXACT, never NEG itself
     if futures[scores] is TAINTED_FINITE and e.in_kinds[bias] is UNSCANNED \
         and is_neg(futures[bias]):
-      values = e.known(bias)
-      full = np.broadcast_shapes(values.shape, region.shape)
-      fill_like = np.broadcast_to(values <= NEG_THRESHOLD, full)
-      _refuse_empty_rows(e, h, fill_like, full)
+      shape = e.out_avals[0].shape
+      values = symbolic.lift(e.known(bias), shape, e.in_avals[bias].dtype)
+      key = ("additive", values.key, shape, h.axis, h.key_axis, h.window)
+      proofs = e.context.setdefault("mask_proofs", {})
+      if key not in proofs:
+        try:
+          proofs[key] = _fill_check(
+              shape, h, [values],
+              lambda idx: values.at(idx) <= NEG_THRESHOLD)
+        except symbolic.TooLarge as err:
+          raise e.refuse(_cannot_check(err)) from None
+      empty_row, window = proofs[key]
+      _refuse_empty_rows(e, empty_row)
       if h.window is None:
-        _record_window(e, h, _proven_window(h, fill_like, full))
+        _record_window(e, h, window)
       return LOW
   return None
 
@@ -44,107 +67,148 @@ def select_future(e, h):
     raise e.refuse(
         "its mask depends on an input of the function, so scanagram cannot "
         "check at conversion time that it removes the future positions")
+  if isinstance(mask, symbolic.Unavailable):
+    raise e.refuse(_cannot_check(mask.why))
+  shape = e.out_avals[0].shape
+  mask = symbolic.lift(mask, shape, e.in_avals[0].dtype)
+  cases = [_case(e, i) for i in range(1, len(e.in_kinds))]
   # every layer of a model applies the same mask: prove it once
-  cases = [_case_key(e, i) for i in range(1, len(e.in_kinds))]
-  key = (_value_key(mask), e.out_avals[0].shape, h.axis, h.key_axis,
-         h.window, tuple(cases))
+  key = (mask.key, shape, h.axis, h.key_axis, h.window,
+         tuple(_case_key(c) for c in cases))
   proofs = e.context.setdefault("mask_proofs", {})
   if key not in proofs:
-    proofs[key] = _prove_mask(e, h, mask)
+    try:
+      proofs[key] = _prove_mask(e, h, mask, cases)
+    except symbolic.TooLarge as err:
+      raise e.refuse(_cannot_check(err)) from None
   future, window = proofs[key]
   _record_window(e, h, window)
   return future
 
 
-def _value_key(value):
-  """Compares equal exactly when the arrays are equal (dtype, shape, bytes)."""
-  value = np.asarray(value)
-  return value.dtype.str, value.shape, value.tobytes()
-
-
-def _case_key(e, i):
-  """What the proof depends on in case ``i`` of a select."""
+def _case(e, i):
+  """Case ``i`` of a select: its kind, and its value as a Lazy when it is a
+  known constant (else None: the same array in both modes)."""
   kind = e.in_kinds[i]
+  value = None
+  if kind is UNSCANNED:
+    value = e.known(i)
+    if isinstance(value, symbolic.Unavailable):
+      value = None
+    if value is not None:
+      value = symbolic.lift(value, e.out_avals[0].shape, e.in_avals[i].dtype)
+  return kind, value
+
+
+def _case_key(case):
+  """What the proof depends on in a case of a select."""
+  kind, value = case
   if isinstance(kind, History):
     return "history", kind.future
   if is_scanned(kind):
     return ("row",)
-  value = e.known(i)
-  return "known", None if value is None else _value_key(value)
+  return "known", None if value is None else value.key
 
 
-def _prove_mask(e, h, mask):
+def _prove_mask(e, h, mask, cases):
   """(future record of the select's output, window the mask proves or
   None), or refuse."""
-  shape = e.out_avals[0].shape
-  region = future_region(shape, h.axis, h.key_axis, h.window)
-  full = np.broadcast_shapes(mask.shape, region.shape)
-  choice = np.broadcast_to(mask, full).astype(np.int64)
-  in_region = np.broadcast_to(region, full)
-  if any(getattr(k, "future", None) is LOW for k in e.in_kinds[1:]):
+  if any(getattr(kind, "future", None) is LOW for kind, _ in cases):
     # which keys a row keeps then depends on both masks together
     raise e.refuse("it masks scores that an additive mask has already "
                    "masked: scanagram proves one mask per score, so use "
                    "either jnp.where or the additive mask")
-  picked, fill_like = [], np.zeros(full, bool)
-  for case in range(1, len(e.in_kinds)):
-    where = in_region & (choice == case - 1)
-    if not where.any():
+  shape = e.out_avals[0].shape
+  region = future_region(shape, h.axis, h.key_axis, h.window)
+  known = [value for _, value in cases if value is not None]
+  # per case: the first future point where the mask picks it, and whether
+  # a known case is one value at all of them
+  firsts = [None] * len(cases)
+  same = [Same() for _ in cases]
+  for points in symbolic.sweep(shape, h.axis, h.key_axis, [mask] + known,
+                               region.windows):
+    idx = points.idx
+    choice = mask.at(idx).astype(np.int64)
+    in_region = points.valid & region.at(idx)
+    for c, (_, value) in enumerate(cases):
+      where = in_region & (choice == c)
+      if not where.any():
+        continue
+      first = symbolic.first_index(idx, where)
+      if firsts[c] is None or first < firsts[c]:
+        firsts[c] = first
+      if value is not None:
+        same[c].add(value.at(idx)[where])
+  picked, fills = [], []
+  for c, (kind, value) in enumerate(cases):
+    if firsts[c] is None:
       continue
-    f = operand_future(e, case, region)
+    f = operand_future(e, c + 1, region) if value is None else EXACT
     if is_tainted(f):
-      index = np.argwhere(where)[0]
+      index = firsts[c]
       which = ("a future position (a causal mask keeps key j for query i "
                "only when j <= i)" if index[h.key_axis] > index[h.axis] else
                f"outside the window of {h.window}")
       raise e.refuse(f"its mask keeps key {index[h.key_axis]} for query "
                      f"{index[h.axis]}: {which}")
-    value = e.known(case)
     if value is not None:
-      value = np.broadcast_to(value, np.broadcast_shapes(value.shape, full))
-      picked_values = value[where]
-      f = (float(picked_values.flat[0])
-           if np.all(picked_values == picked_values.flat[0]) else EXACT)
+      one = same[c].value
+      f = EXACT if one is None else float(one)
       if isinstance(f, float):
-        same = value == f if not is_neg(f) else value <= NEG_THRESHOLD
-        fill_like |= (choice == case - 1) & same
+        fills.append((c, value, f))
     picked.append(EXACT if f == "row" else f)
   future = picked_future(picked)
-  if future is NEG:
-    _refuse_empty_rows(e, h, fill_like, full)
   window = None
-  if h.window is None and (future is NEG or isinstance(future, float)):
-    window = _proven_window(h, fill_like, full)
+  need_window = h.window is None and (future is NEG or
+                                      isinstance(future, float))
+  if future is NEG or need_window:
+    def fill_like(idx):
+      """Where the mask picks a case that holds its fill value there."""
+      choice = mask.at(idx).astype(np.int64)
+      out = np.zeros(choice.shape, bool)
+      for c, value, f in fills:
+        v = value.at(idx)
+        out |= (choice == c) & (v <= NEG_THRESHOLD if is_neg(f) else v == f)
+      return out
+    empty_row, window = _fill_check(shape, h, [mask] + known, fill_like)
+    if future is NEG:
+      _refuse_empty_rows(e, empty_row)
+    if not need_window:
+      window = None
   return future, window
 
 
-def _kept(h, fill_like, shape):
-  """Where the mask keeps a past or present key (j <= i) that is not fill."""
-  rows, keys = rows_keys(shape, h.axis, h.key_axis)
-  return ~fill_like & np.broadcast_to(keys <= rows, shape)
+def _fill_check(shape, h, values, fill_like):
+  """``(first empty row or None, proven window or None)`` of scores whose
+  fill is where ``fill_like`` (a function of sweep points) holds. A kept
+  key is a past or present key (j <= i) that is not fill; a row is empty
+  when it keeps none; the proven window is the smallest w with every key
+  j <= i - w fill (None when that is the whole sequence)."""
+  empty, distance = None, -1
+  for points in symbolic.sweep(shape, h.axis, h.key_axis, values,
+                               () if h.window is None else (h.window,)):
+    idx = points.idx
+    rows, keys = idx[h.axis], idx[h.key_axis]
+    kept = points.valid & ~fill_like(idx) & (keys <= rows)
+    has = kept.any(axis=1)
+    if not has.all():  # the row's index, with key 0 as argwhere gives it
+      starts = tuple(np.zeros_like(ix[:, 0]) if d == h.key_axis else ix[:, 0]
+                     for d, ix in enumerate(idx))
+      first = symbolic.first_index(starts, ~has)
+      empty = first if empty is None or first < empty else empty
+    if kept.any():
+      distance = max(distance, int((rows - keys)[kept].max()))
+  window = distance + 1 if distance >= 0 else 1
+  return (None if empty is None else empty[h.axis],
+          window if window < shape[h.key_axis] else None)
 
 
-def _refuse_empty_rows(e, h, fill_like, shape):
+def _refuse_empty_rows(e, row):
   """A row whose every past key is filled too has its maximum at the fill:
   softmax then spreads the row's weight evenly over all L keys, future ones
   included, so that row is not causal in the training mode itself."""
-  empty = ~_kept(h, fill_like, shape).any(axis=h.key_axis, keepdims=True)
-  if empty.any():
-    row = np.argwhere(empty)[0][h.axis]
+  if row is not None:
     raise e.refuse(
         f"its mask keeps no key at all for query {row}: the row is all fill, "
         "so softmax gives every position the same weight, future ones "
         "included (a causal mask keeps at least key j = i)")
-
-
-
-
-def _proven_window(h, fill_like, shape):
-  """The smallest w with every key j <= i - w picked as fill, or None when
-  that is the whole sequence."""
-  rows, keys = rows_keys(shape, h.axis, h.key_axis)
-  distance = np.broadcast_to(rows - keys, shape)[_kept(h, fill_like, shape)]
-  window = int(distance.max()) + 1 if distance.size else 1
-  return window if window < shape[h.key_axis] else None
-
-

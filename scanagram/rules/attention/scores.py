@@ -1,19 +1,22 @@
 """Rules for equations on attention scores (History): elementwise ops follow
 the future record, structure moves the rows and keys, reductions over the
 keys need exact rows."""
+import contextlib
 from typing import Any, NamedTuple
 
 import numpy as np
 import jax.numpy as jnp
 from jax.extend.core import primitives as P
 
+from scanagram import symbolic
+from scanagram.errors import ScanConversionError
 from scanagram.interpreter import bind, register, time_block
 from scanagram.kinds import EXACT, LOW, NEG, TAINTED, UNSCANNED, History, is_scanned
 from scanagram.rules import calls, elementwise, structural
 from scanagram.rules.attention import masks
 from scanagram.rules.attention.buffers import ring_positions
 from scanagram.rules.attention.future import (
-    combine_future, future_region, is_tainted, operand_future, rows_keys)
+    Same, combine_future, future_region, is_tainted, operand_future)
 from scanagram.rules.common import pointwise, with_size
 
 def history_axes(e):
@@ -106,20 +109,33 @@ class _Band(NamedTuple):
 
 
 def _band(e, i, h):
-  """Operand ``i`` as a :class:`_Band` for ``h``'s window, or None."""
+  """Operand ``i`` as a :class:`_Band` for ``h``'s window, or None: a known
+  constant of the operand's full shape that is one value at every (row, key)
+  inside the window and another outside (checked at one point per piece of
+  each row, see :func:`scanagram.symbolic.sweep`)."""
   values = e.known(i)
-  if values is None or values.shape != e.in_avals[i].shape:
+  shape = e.in_avals[i].shape
+  if values is None or isinstance(values, symbolic.Unavailable) or \
+      np.shape(values) != shape:
     return None
-  rows, keys = rows_keys(values.shape, h.axis, h.key_axis)
-  inside = np.broadcast_to((rows - keys >= 0) & (rows - keys < h.window),
-                           values.shape)
-  within, beyond = values[inside], values[~inside]
-  if not within.size or not beyond.size:
+  values = symbolic.lift(values, shape, e.in_avals[i].dtype)
+  within, beyond = Same(), Same()
+  try:
+    for points in symbolic.sweep(shape, h.axis, h.key_axis, [values],
+                                 (h.window,)):
+      idx = points.idx
+      distance = idx[h.axis] - idx[h.key_axis]
+      inside = (distance >= 0) & (distance < h.window)
+      v = values.at(idx)
+      within.add(v[points.valid & inside])
+      beyond.add(v[points.valid & ~inside])
+      if not (within.same and beyond.same):
+        return None
+  except symbolic.TooLarge:
     return None
-  if not ((within == within.flat[0]).all() and
-          (beyond == beyond.flat[0]).all()):
+  if within.value is None or beyond.value is None:
     return None
-  return _Band(within.flat[0], beyond.flat[0])
+  return _Band(within.value, beyond.value)
 
 
 @register(*[p for p in elementwise.ELEMENTWISE if p is not P.select_n_p],
@@ -131,7 +147,8 @@ def elementwise_rule(e):
   region = future_region(e.out_avals[0].shape, h.axis, h.key_axis, h.window)
   futures = [operand_future(e, i, region) for i in range(len(e.in_kinds))]
   futures = [EXACT if f == "row" else f for f in futures]
-  future = masks.additive_mask(e, h, futures, region)
+  with _noting_refusal(e, h):
+    future = masks.additive_mask(e, h, futures, region)
   if future is None:
     future = combine_future(e, futures)
   return history_pointwise(e, h, future)
@@ -145,7 +162,20 @@ def select_rule(e):
   Picking one constant at every future key makes the scores exact. Also
   records the window the mask proves (keys older than w picked as fill)."""
   h = history_axes(e)
-  return history_pointwise(e, h, masks.select_future(e, h))
+  with _noting_refusal(e, h):
+    future = masks.select_future(e, h)
+  return history_pointwise(e, h, future)
+
+
+@contextlib.contextmanager
+def _noting_refusal(e, h):
+  """Notes the score product whose mask was refused: converted again with
+  its keys and queries swapped, the same mask may prove it causal."""
+  try:
+    yield
+  except ScanConversionError:
+    e.context.setdefault("refused_masks", set()).add(h.origin)
+    raise
 
 
 # -- structure and reductions on scores ---------------------------------------
