@@ -239,6 +239,58 @@ class TransformerCache:
     return tokens.T
 
 
+class GQACache:
+  """KV-cache decoding for :func:`models.gqa_transformer`, as an expert
+  writes it: caches ``[B, KV, L, dh]`` at the key/value head count, the
+  queries grouped ``[B, KV, G, dh]`` and both products grouped einsums.
+  Carry: ``{"k": [per layer], "v": [per layer], "t": int32}``."""
+
+  def __init__(self, d_model, heads, kv_heads, layers, length, batch):
+    self.d, self.heads, self.kv, self.layers = d_model, heads, kv_heads, layers
+    self.length, self.batch = length, batch
+    self.dh = d_model // heads
+
+  def init(self, params):
+    del params
+    shape = (self.batch, self.kv, self.length, self.dh)
+    return {"k": [jnp.zeros(shape) for _ in range(self.layers)],
+            "v": [jnp.zeros(shape) for _ in range(self.layers)],
+            "t": jnp.zeros((), jnp.int32)}
+
+  def step(self, params, carry, x):
+    t = carry["t"]
+    b, kv, dh = self.batch, self.kv, self.dh
+    g = self.heads // kv
+
+    def linear(name, v):
+      return v @ params[name]["w"] + params[name]["b"]
+
+    h = params["embed"]["embeddings"][x]                         # [B, D]
+    h = h + lax.dynamic_index_in_dim(params["~"]["positions"], t, 0,
+                                     keepdims=False)
+    visible = jnp.arange(self.length) <= t                       # [L]
+    ks, vs = [], []
+    for i in range(self.layers):
+      a = _layer_norm(params[f"ln_attn_{i}"], h)
+      q = linear(f"attn_{i}_query", a).reshape(b, kv, g, dh)
+      k = linear(f"attn_{i}_key", a).reshape(b, kv, 1, dh)
+      v = linear(f"attn_{i}_value", a).reshape(b, kv, 1, dh)
+      k_cache = lax.dynamic_update_slice(carry["k"][i], k, (0, 0, t, 0))
+      v_cache = lax.dynamic_update_slice(carry["v"][i], v, (0, 0, t, 0))
+      ks.append(k_cache)
+      vs.append(v_cache)
+      logits = jnp.einsum("bkgd,bkTd->bkgT", q, k_cache) / np.float32(
+          np.sqrt(dh))
+      logits = jnp.where(visible, logits, -1e30)
+      attn = jnp.einsum("bkgT,bkTd->bkgd", jax.nn.softmax(logits), v_cache)
+      h = h + linear(f"attn_{i}_out", attn.reshape(b, -1))
+      m = _layer_norm(params[f"ln_mlp_{i}"], h)
+      m = jax.nn.gelu(linear(f"mlp_{i}/~/linear_0", m))
+      h = h + linear(f"mlp_{i}/~/linear_1", m)
+    logits = linear("unembed", _layer_norm(params["ln_out"], h))
+    return {"k": ks, "v": vs, "t": t + 1}, logits
+
+
 def carry_bytes(carry):
   """Bytes in a carry (a pytree of arrays or ShapeDtypeStructs)."""
   return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize

@@ -94,3 +94,44 @@ def transformer(d_model: int, heads: int, layers: int, length: int,
     h = hk.LayerNorm(-1, True, True, name="ln_out")(h)
     return hk.Linear(vocab, name="unembed")(h)
   return hk.transform(forward)
+
+
+# -- Grouped-query attention ---------------------------------------------------
+def gqa_transformer(d_model: int, heads: int, kv_heads: int, layers: int,
+                    length: int, vocab: int) -> hk.Transformed:
+  """tokens: [B, T] -> logits [B, T, vocab]: the decoder of
+  :func:`transformer` with grouped-query attention written as Llama-style
+  code does: ``heads`` query heads over ``kv_heads`` key/value heads, the
+  keys and values repeated with ``jnp.repeat`` before both products."""
+  dh = d_model // heads
+  group = heads // kv_heads
+
+  def attention(x, mask, name):
+    b, t, _ = x.shape
+    linear = lambda n, out: hk.Linear(out, name=f"{name}_{n}")  # noqa: E731
+    q = linear("query", heads * dh)(x).reshape(b, t, heads, dh)
+    k = linear("key", kv_heads * dh)(x).reshape(b, t, kv_heads, dh)
+    v = linear("value", kv_heads * dh)(x).reshape(b, t, kv_heads, dh)
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) / jnp.sqrt(dh).astype(
+        x.dtype)
+    logits = jnp.where(mask, logits, -1e30)
+    out = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits), v)
+    return linear("out", d_model)(out.reshape(b, t, heads * dh))
+
+  def forward(tokens):
+    t = tokens.shape[1]
+    h = hk.Embed(vocab, d_model, name="embed")(tokens)
+    positions = hk.get_parameter("positions", [length, d_model],
+                                 init=hk.initializers.TruncatedNormal(0.02))
+    h = h + positions[jnp.arange(t)]
+    mask = jnp.tril(jnp.ones((t, t), bool))
+    for i in range(layers):
+      a = hk.LayerNorm(-1, True, True, name=f"ln_attn_{i}")(h)
+      h = h + attention(a, mask, f"attn_{i}")
+      m = hk.LayerNorm(-1, True, True, name=f"ln_mlp_{i}")(h)
+      h = h + hk.nets.MLP([4 * d_model, d_model], activation=jax.nn.gelu,
+                          name=f"mlp_{i}")(m)
+    h = hk.LayerNorm(-1, True, True, name="ln_out")(h)
+    return hk.Linear(vocab, name="unembed")(h)
+  return hk.transform(forward)

@@ -21,6 +21,9 @@ JSON keys (figure name -> number):
     scanagram.associative_scan.
   transformer_carry_bytes_ratio: derived carry / hand-written cache bytes
     (target <= 1.05).
+  step_hlo_ratio: characters of the derived transformer step's optimised
+    HLO / the hand-written one's, metadata left out (target <= 1.2);
+    step_hlo_instructions_ratio: the same in lines.
   transformer_speedup_vs_recompute_T512: naive recomputation (the jitted
     training-mode model on the prefix padded to L) / pair.generate, per
     token, generating L tokens (target >= 20).
@@ -37,6 +40,21 @@ JSON keys (figure name -> number):
     call, made untimed), bench transformer (target <= 2.5).
   chunked_prefill_ratio: a prompt of L=512 tokens as a prefill of 128 and 3
     extends of 128 / one prefill of 512 (target <= 1.3).
+  gqa_carry_bytes_ratio, gqa_step_ratio: a decoder with 8 query heads over
+    2 key/value heads (jnp.repeat in the training mode): derived carry /
+    hand-written grouped cache bytes (target <= 1.05), derived / hand-written
+    grouped step per-token time (target <= 1.10).
+  encdec_step_ratio: a 2-layer encoder-decoder (source length 512): the
+    derived step (encoder and cross-attention keys/values computed once in
+    prefill, carried) / a hand-written step with cached cross-attention
+    keys/values (target <= 1.10).
+  convert_seconds_L32768, convert_peak_mib_L32768: to_step of a 2-layer,
+    4-head causal transformer (batch 8, L=32768) in a fresh process, the
+    worst of four mask styles (tril, arange comparison, hk.MultiHeadAttention
+    with a [1, 1, L, L] mask, a sliding window): seconds (target <= 5) and
+    peak RSS growth in MiB (target <= 500); per style as
+    convert_seconds_L32768_<style>. (The same at smoke sizes: L=32768 costs
+    well under a second to convert.)
   ragged_generate_ratio: per-token time of greedy pair.generate from prompts
     of lengths drawn from 1..128 per row (to_step(..., batch_axis=0),
     generate(..., lengths=)) / from prompts of 128 in every row (the
@@ -77,6 +95,7 @@ import gc
 import json
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -85,7 +104,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adapters.haiku import to_step
-from benchmarks import baselines, models
+from benchmarks import baselines, encdec, long_context, models
 from benchmarks.timing import interleaved, interleaved_calls, seconds
 
 FULL = dict(
@@ -101,6 +120,8 @@ FULL = dict(
                      extend_at=256, extend_block=8, chunk=128,
                      block_repeats=31, ragged_prompt=128,
                      ragged_steps=(16, 80), ragged_repeats=9),
+    gqa=dict(d_model=256, heads=8, kv_heads=2, layers=4, length=512,
+             vocab=256, steps=64),
     depths=(2, 6, 12, 24), convert_repeats=5, torch_calls=64,
 )
 SMOKE = dict(
@@ -113,6 +134,8 @@ SMOKE = dict(
                      latency_positions=(1, 8, 16), extend_at=8,
                      extend_block=8, chunk=4, block_repeats=2,
                      ragged_prompt=4, ragged_steps=(2, 10), ragged_repeats=2),
+    gqa=dict(d_model=16, heads=4, kv_heads=2, layers=2, length=16,
+             vocab=32, steps=8),
     depths=(1, 2), convert_repeats=1, torch_calls=4,
 )
 TARGETS = {
@@ -127,6 +150,12 @@ TARGETS = {
     "extend8_over_step": ("<=", 2.5),
     "chunked_prefill_ratio": ("<=", 1.3),
     "ragged_generate_ratio": ("<=", 1.15),
+    "gqa_carry_bytes_ratio": ("<=", 1.05),
+    "gqa_step_ratio": ("<=", 1.10),
+    "step_hlo_ratio": ("<=", 1.2),
+    "encdec_step_ratio": ("<=", 1.10),
+    "convert_seconds_L32768": ("<=", 5.0),
+    "convert_peak_mib_L32768": ("<=", 500.0),
 }
 
 
@@ -293,6 +322,14 @@ def bench_transformer(config, results):
   derived_bytes = baselines.carry_bytes(pair.carry_spec())
   base_bytes = baselines.carry_bytes(jax.eval_shape(base.init, params))
   results["transformer_carry_bytes_ratio"] = derived_bytes / base_bytes
+  derived_hlo = optimised_hlo(pair.functions.step, params, pair.init(params),
+                              tokens[:, 0])
+  base_hlo = optimised_hlo(base.step, params, base.init(params), tokens[:, 0])
+  results["step_hlo_ratio"] = len(derived_hlo) / len(base_hlo)
+  results["step_hlo_instructions_ratio"] = (derived_hlo.count("\n") /
+                                            base_hlo.count("\n"))
+  log(f"  transformer step HLO: {len(derived_hlo)} characters derived, "
+      f"{len(base_hlo)} hand-written")
   results["transformer_carry_bytes_derived"] = derived_bytes
   log(f"  transformer carry: {derived_bytes} bytes derived, {base_bytes} "
       "hand-written")
@@ -344,6 +381,37 @@ def bench_transformer(config, results):
       f"{side} {1e3 * s:.2f}" for side, s in per_token.items()))
   latency = latency_by_position(model, pair, base, params, tokens, c)
   return model, pair, params, tokens, latency
+
+
+def optimised_hlo(step, *args):
+  """The compiled step's optimised HLO text without its metadata (source
+  lines and op names, which say where an instruction came from, not what
+  the program does)."""
+  text = jax.jit(step).lower(*args).compile().as_text()
+  return re.sub(r", metadata=\{[^}]*\}", "", text)
+
+
+def bench_gqa(config, results):
+  """Grouped-query attention (8 query heads over 2 key/value heads, the
+  keys and values repeated with ``jnp.repeat`` in the training mode): the
+  derived step and carry against a hand-written grouped cache."""
+  c, b = config["gqa"], config["batch"]
+  model = models.gqa_transformer(c["d_model"], c["heads"], c["kv_heads"],
+                                 c["layers"], c["length"], c["vocab"])
+  tokens = jax.random.randint(jax.random.key(2), (b, c["length"]), 0,
+                              c["vocab"], jnp.int32)
+  params = model.init(jax.random.key(0), tokens)
+  pair = to_step(model, jax.ShapeDtypeStruct((b, c["length"]), jnp.int32),
+                 axis=1)
+  base = baselines.GQACache(c["d_model"], c["heads"], c["kv_heads"],
+                            c["layers"], c["length"], b)
+  step_comparison("gqa", model, params, tokens[:, :c["steps"]],
+                  {"hand_written": base}, pair, config, results)
+  derived_bytes = baselines.carry_bytes(pair.carry_spec())
+  base_bytes = baselines.carry_bytes(jax.eval_shape(base.init, params))
+  results["gqa_carry_bytes_ratio"] = derived_bytes / base_bytes
+  log(f"  gqa carry: {derived_bytes} bytes derived, {base_bytes} "
+      "hand-written")
 
 
 def latency_by_position(model, pair, base, params, tokens, c):
@@ -716,10 +784,17 @@ def main(argv=None):
   bench_extend(config, results, model, pair, params, tokens)
   log("ragged rows ...")
   bench_ragged(config, results, model, pair, params, tokens)
+  log("grouped-query attention ...")
+  bench_gqa(config, results)
+  log("encoder-decoder ...")
+  encdec.bench_encdec(results, encdec.SMOKE if config is SMOKE else None)
   log("torch ...")
   bench_torch(config, results, pair, params, tokens)
   log("conversion ...")
   seconds_by_depth = bench_conversion(config, results)
+  log("conversion at L=32768 ...")
+  long_context.bench_long_context(
+      results, ("window",) if config is SMOKE else long_context.STYLES)
   plot(latency, seconds_by_depth, out / "bench.png")
   results["cpu_count"] = os.cpu_count()
   results["load_average_1min"] = os.getloadavg()[0]
