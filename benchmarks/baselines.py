@@ -18,6 +18,8 @@ Every class has ``init(params) -> carry`` and ``step(params, carry, x) ->
 (carry, y)`` (pure, to wrap in ``jax.jit(..., donate_argnums=1)`` or in a
 ``lax.scan``).
 """
+import functools
+
 import haiku as hk
 import jax
 import jax.numpy as jnp
@@ -144,6 +146,23 @@ def _layer_norm(params, x, eps=1e-5):
   return params["scale"] * lax.rsqrt(var + eps) * (x - mean) + params["offset"]
 
 
+def _linear(params, name, v):
+  return v @ params[name]["w"] + params[name]["b"]
+
+
+def _embed_at(params, x, t):
+  """Token ``x: [B]`` embedded at position ``t``: ``[B, D]``."""
+  return params["embed"]["embeddings"][x] + lax.dynamic_index_in_dim(
+      params["~"]["positions"], t, 0, keepdims=False)
+
+
+def _mlp(params, i, h):
+  """Block ``i``'s pre-LayerNorm GELU MLP (``hk.nets.MLP``'s names)."""
+  m = _layer_norm(params[f"ln_mlp_{i}"], h)
+  m = jax.nn.gelu(_linear(params, f"mlp_{i}/~/linear_0", m))
+  return _linear(params, f"mlp_{i}/~/linear_1", m)
+
+
 class TransformerCache:
   """KV-cache decoding for :func:`models.transformer`.
 
@@ -189,12 +208,8 @@ class TransformerCache:
     else:
       one, at, cache = (b, 1, hh, dh), (0, t, 0, 0), "bThd"
 
-    def linear(name, v):
-      return v @ params[name]["w"] + params[name]["b"]
-
-    h = params["embed"]["embeddings"][x]                         # [B, D]
-    h = h + lax.dynamic_index_in_dim(params["~"]["positions"], t, 0,
-                                     keepdims=False)
+    linear = functools.partial(_linear, params)
+    h = _embed_at(params, x, t)                                  # [B, D]
     visible = jnp.arange(self.length) <= t                       # [L]
     ks, vs = [], []
     for i in range(self.layers):
@@ -212,9 +227,7 @@ class TransformerCache:
       weights = jax.nn.softmax(logits)
       attn = jnp.einsum(f"bhT,{cache}->bhd", weights, v_cache).reshape(b, -1)
       h = h + linear(f"attn_{i}/linear", attn)
-      m = _layer_norm(params[f"ln_mlp_{i}"], h)
-      m = jax.nn.gelu(linear(f"mlp_{i}/~/linear_0", m))
-      h = h + linear(f"mlp_{i}/~/linear_1", m)
+      h = h + _mlp(params, i, h)
     logits = linear("unembed", _layer_norm(params["ln_out"], h))
     return {"k": ks, "v": vs, "t": t + 1}, logits
 
@@ -262,12 +275,8 @@ class GQACache:
     b, kv, dh = self.batch, self.kv, self.dh
     g = self.heads // kv
 
-    def linear(name, v):
-      return v @ params[name]["w"] + params[name]["b"]
-
-    h = params["embed"]["embeddings"][x]                         # [B, D]
-    h = h + lax.dynamic_index_in_dim(params["~"]["positions"], t, 0,
-                                     keepdims=False)
+    linear = functools.partial(_linear, params)
+    h = _embed_at(params, x, t)                                  # [B, D]
     visible = jnp.arange(self.length) <= t                       # [L]
     ks, vs = [], []
     for i in range(self.layers):
@@ -284,9 +293,7 @@ class GQACache:
       logits = jnp.where(visible, logits, -1e30)
       attn = jnp.einsum("bkgT,bkTd->bkgd", jax.nn.softmax(logits), v_cache)
       h = h + linear(f"attn_{i}_out", attn.reshape(b, -1))
-      m = _layer_norm(params[f"ln_mlp_{i}"], h)
-      m = jax.nn.gelu(linear(f"mlp_{i}/~/linear_0", m))
-      h = h + linear(f"mlp_{i}/~/linear_1", m)
+      h = h + _mlp(params, i, h)
     logits = linear("unembed", _layer_norm(params["ln_out"], h))
     return {"k": ks, "v": vs, "t": t + 1}, logits
 

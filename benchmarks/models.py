@@ -71,29 +71,38 @@ def lru(width: int, state: int, layers: int, out_dim: int) -> hk.Transformed:
 
 
 # -- Transformer ---------------------------------------------------------------
-def transformer(d_model: int, heads: int, layers: int, length: int,
-                vocab: int) -> hk.Transformed:
-  """tokens: [B, T] (T <= length) -> logits [B, T, vocab]: a GPT-style
-  decoder (token and learned position embeddings, pre-LayerNorm blocks of
-  ``hk.MultiHeadAttention`` under a causal mask and a GELU MLP)."""
+def _decoder(d_model, layers, length, vocab, attend, mask_dims):
+  """The GPT-style decoder both transformers share: token and learned
+  position embeddings, pre-LayerNorm blocks of ``attend(i, a, mask)`` under
+  a causal mask (with ``mask_dims`` leading axes of 1) and a GELU MLP."""
   def forward(tokens):
     t = tokens.shape[1]
     h = hk.Embed(vocab, d_model, name="embed")(tokens)
     positions = hk.get_parameter("positions", [length, d_model],
                                  init=hk.initializers.TruncatedNormal(0.02))
     h = h + positions[jnp.arange(t)]
-    mask = jnp.tril(jnp.ones((1, 1, t, t), bool))
+    mask = jnp.tril(jnp.ones((1,) * mask_dims + (t, t), bool))
     for i in range(layers):
       a = hk.LayerNorm(-1, True, True, name=f"ln_attn_{i}")(h)
-      h = h + hk.MultiHeadAttention(
-          heads, d_model // heads, w_init=hk.initializers.VarianceScaling(1.0),
-          name=f"attn_{i}")(a, a, a, mask=mask)
+      h = h + attend(i, a, mask)
       m = hk.LayerNorm(-1, True, True, name=f"ln_mlp_{i}")(h)
       h = h + hk.nets.MLP([4 * d_model, d_model], activation=jax.nn.gelu,
                           name=f"mlp_{i}")(m)
     h = hk.LayerNorm(-1, True, True, name="ln_out")(h)
     return hk.Linear(vocab, name="unembed")(h)
   return hk.transform(forward)
+
+
+def transformer(d_model: int, heads: int, layers: int, length: int,
+                vocab: int) -> hk.Transformed:
+  """tokens: [B, T] (T <= length) -> logits [B, T, vocab]: a GPT-style
+  decoder (token and learned position embeddings, pre-LayerNorm blocks of
+  ``hk.MultiHeadAttention`` under a causal mask and a GELU MLP)."""
+  def attend(i, a, mask):
+    return hk.MultiHeadAttention(
+        heads, d_model // heads, w_init=hk.initializers.VarianceScaling(1.0),
+        name=f"attn_{i}")(a, a, a, mask=mask)
+  return _decoder(d_model, layers, length, vocab, attend, mask_dims=2)
 
 
 # -- Grouped-query attention ---------------------------------------------------
@@ -119,19 +128,6 @@ def gqa_transformer(d_model: int, heads: int, kv_heads: int, layers: int,
     out = jnp.einsum("bhts,bshd->bthd", jax.nn.softmax(logits), v)
     return linear("out", d_model)(out.reshape(b, t, heads * dh))
 
-  def forward(tokens):
-    t = tokens.shape[1]
-    h = hk.Embed(vocab, d_model, name="embed")(tokens)
-    positions = hk.get_parameter("positions", [length, d_model],
-                                 init=hk.initializers.TruncatedNormal(0.02))
-    h = h + positions[jnp.arange(t)]
-    mask = jnp.tril(jnp.ones((t, t), bool))
-    for i in range(layers):
-      a = hk.LayerNorm(-1, True, True, name=f"ln_attn_{i}")(h)
-      h = h + attention(a, mask, f"attn_{i}")
-      m = hk.LayerNorm(-1, True, True, name=f"ln_mlp_{i}")(h)
-      h = h + hk.nets.MLP([4 * d_model, d_model], activation=jax.nn.gelu,
-                          name=f"mlp_{i}")(m)
-    h = hk.LayerNorm(-1, True, True, name="ln_out")(h)
-    return hk.Linear(vocab, name="unembed")(h)
-  return hk.transform(forward)
+  return _decoder(d_model, layers, length, vocab,
+                  lambda i, a, mask: attention(a, mask, f"attn_{i}"),
+                  mask_dims=0)

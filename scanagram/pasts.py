@@ -104,8 +104,8 @@ def _in_chain(eqn, j, kinds, axis, uniform_along, elementwise) -> bool:
   """Whether ``eqn`` (scanned operand ``j``) may stand between a source and
   the delayed operand: a shift, a cut at the end, or an elementwise
   operation with unscanned operands the same at every position."""
-  if _padding(eqn) is not None:
-    config = _padding(eqn)
+  config = _padding(eqn)
+  if config is not None:
     lo, hi, interior = config[axis]
     return j == 0 and not interior and lo > 0 and hi <= 0 and all(
         tuple(c) == (0, 0, 0) for d, c in enumerate(config) if d != axis)
