@@ -11,10 +11,10 @@ from jax.extend import core as jex_core
 from scanagram import _jax_internals
 from scanagram import rules  # noqa: F401  (registers the rules)
 from scanagram.errors import ScanConversionError, refusal
-from scanagram.interpreter import (Block, ConvertedJaxpr, DelayLine,
+from scanagram.interpreter import (Block, Conversion, ConvertedJaxpr,
+                                   DelayLine, convert_learning,
                                    recording_length_uses, time_block)
 from scanagram.kinds import UNSCANNED, History, Scanned
-from scanagram.rules import attention
 
 Axes = Union[int, None, Sequence[Union[int, None]]]
 
@@ -29,12 +29,12 @@ class StepFunctions:
       a table over L positions): positions >= L cannot be served. None when
       the state does not depend on L (RNN carries, convolution queues):
       the functions step on indefinitely.
-    in_axes, out_axes, batch_axes, out_batch_axes: as given to
-      :func:`to_step`.
+    in_axes, out_axes, batch_axes, out_batch_axes, param_argnums: as given
+      to :func:`to_step`.
   """
 
   def __init__(self, fun, example_args, in_axes, out_axes, batch_axes,
-               out_batch_axes):
+               out_batch_axes, param_argnums=None):
     self.fun = fun
     n = len(example_args)
     self.in_axes = _per_arg(in_axes, n, "in_axes")
@@ -52,12 +52,14 @@ class StepFunctions:
       raise ValueError("to_step needs at least one scanned argument "
                        "(in_axes is None for all of them)")
     self._first_scanned = self._scanned_args[0]
+    self.param_argnums = self._params(param_argnums, n)
     leaves, self._in_tree = jax.tree.flatten(list(example_args))
     self._in_specs = [jax.ShapeDtypeStruct(np.shape(x), _dtype(x))
                       for x in leaves]
-    self._leaf_axes, self._leaf_rows = [], []
+    self._leaf_axes, self._leaf_rows, self._leaf_args = [], [], []
     for i, arg in enumerate(example_args):
       for x in jax.tree.leaves(arg):
+        self._leaf_args.append(i)
         axis = self.in_axes[i]
         rows = None if not self._rows else self.batch_axes[i]
         self._leaf_axes.append(None if axis is None else axis % np.ndim(x))
@@ -81,6 +83,26 @@ class StepFunctions:
     self._jit = {}
     self._carry_spec = None
     self._max_length = _UNKNOWN
+
+  def _params(self, param_argnums, n):
+    """The unscanned arguments that are parameters (see :func:`to_step`)."""
+    if param_argnums is None:
+      return frozenset()
+    if isinstance(param_argnums, int):
+      param_argnums = (param_argnums,)
+    params = frozenset(i % n if -n <= i < n else i for i in param_argnums)
+    for i in sorted(params):
+      if not 0 <= i < n:
+        raise ValueError(f"param_argnums names argument {i}; there are {n}")
+      if self.in_axes[i] is not None:
+        raise ValueError(f"param_argnums names argument {i}, which is "
+                         f"scanned (in_axes {self.in_axes[i]}): parameters "
+                         "are unscanned arguments")
+      if self._rows and self.batch_axes[i] is not None:
+        raise ValueError(f"param_argnums names argument {i}, which has rows "
+                         f"(batch_axes {self.batch_axes[i]}): parameters "
+                         "are shared by every row")
+    return params
 
   # -- conversion ------------------------------------------------------------
   def _flat_fun(self, rows_removed: bool):
@@ -119,12 +141,13 @@ class StepFunctions:
     # With rows, those with rows; a value of parameters alone would be
     # copied per row.
     in_data = [a is None and (not self._rows or r is not None)
-               for a, r in zip(self._time_axes, self._leaf_rows)]
-    def convert(context):
-      context["rows"] = self._rows   # rules may lay out for vmap
+               and arg not in self.param_argnums
+               for a, r, arg in zip(self._time_axes, self._leaf_rows,
+                                    self._leaf_args)]
+    def convert(conversion):
       return ConvertedJaxpr(closed.jaxpr, closed.consts, in_kinds,
-                            context=context, in_data=in_data)
-    self._converted = attention.convert_with_facts(convert)
+                            conversion=conversion, in_data=in_data)
+    self._converted = convert_learning(convert, rows=self._rows)
     self._jaxpr = closed.jaxpr
     self._outputs = [self._output_rule(i, k, v) for i, (k, v) in
                      enumerate(zip(self._converted.out_kinds,
@@ -137,15 +160,15 @@ class StepFunctions:
     kinds = [UNSCANNED if r is None else Scanned(r) for r in self._leaf_rows]
     why = (f"with batch_axes={self.batch_axes} every row must be "
            "independent of the others, and ")
-    context = {}
+    conversion = Conversion()
     try:
       converted = ConvertedJaxpr(closed.jaxpr, closed.consts, kinds,
-                                 context=context, once=False)
+                                 conversion=conversion, once=False)
     except ScanConversionError as err:
       raise ScanConversionError(
           f"{why}this operation mixes rows (read 'scanned axis' as the batch "
           f"axis): {err}") from None
-    for eqn, enclosing in context.get("carries_or_shifts", []):
+    for eqn, enclosing in conversion.carries_or_shifts:
       raise refusal(eqn, f"{why}it combines different rows along the batch "
                     "axis (batch statistics, attention or a scan across "
                     "rows, a shift along rows)", enclosing)
@@ -171,7 +194,7 @@ class StepFunctions:
             f"axis {self.out_axes} of length {self.length} to scan over "
             f"(shape {aval.shape})")
       return (out_axis, None)
-    if attention.is_exact_history(kind):
+    if isinstance(kind, History) and kind.exact_rows:
       # attention weights as an output: each row equals the training mode's
       # at every key, the future ones included
       kind = Scanned(kind.axis, kind.ahead)
@@ -315,7 +338,7 @@ class StepFunctions:
     # needs them, so the last a elements run as a block on the state.
     split = k
     if self.max_length is None:
-      ahead = self._converted.context.get("max_ahead", 0)
+      ahead = self._converted.conversion.max_ahead
       split = max(0, min(k, self.length - ahead))
 
     def run(_, count, *leaves):
@@ -661,7 +684,9 @@ def _per_arg(axes, n, name):
 
 def to_step(fun: Callable, *example_args, in_axes: Axes = 0,
             out_axes: int = 0, batch_axes: Axes = None,
-            out_batch_axes: Optional[int] = None) -> StepFunctions:
+            out_batch_axes: Optional[int] = None,
+            param_argnums: Union[int, Sequence[int], None] = None
+            ) -> StepFunctions:
   """Derives the functions that advance the state of a causal function.
 
   Args:
@@ -676,8 +701,10 @@ def to_step(fun: Callable, *example_args, in_axes: Axes = 0,
       compute from them (an encoder's output, cross-attention keys and
       values) is computed once, by ``init`` or ``prefill``, and carried:
       later calls must get the unscanned arguments the carry was made with.
-      (With ``batch_axes``, only from those with rows: work on parameters
-      alone is redone, not copied per row.)
+      Work on parameters alone (a weight normalisation) is redone in each
+      call instead, never copied into the carry: the parameters are the
+      arguments named in ``param_argnums`` and, with ``batch_axes``, the
+      unscanned ones without rows.
     out_axes: the axis along which ``fun``'s outputs run in time (as in
       ``fun``'s own outputs; an output whose time axis is elsewhere is
       refused). A step output has it removed.
@@ -686,6 +713,9 @@ def to_step(fun: Callable, *example_args, in_axes: Axes = 0,
       own position, and ``prefill``/``extend`` take per-row ``lengths``. A
       function that mixes rows is refused.
     out_batch_axes: the outputs' axis of rows (needed with ``batch_axes``).
+    param_argnums: the unscanned arguments that are parameters (weights,
+      model state), as opposed to data (an encoder's source sequence). What
+      is computed from parameters alone is never carried.
 
   Returns:
     A :class:`StepFunctions` with ``init(*unscanned)``, ``prefill(*args)``,
@@ -712,7 +742,7 @@ def to_step(fun: Callable, *example_args, in_axes: Axes = 0,
     ([2.0, 3.0], 3)
   """
   return StepFunctions(fun, example_args, in_axes, out_axes, batch_axes,
-                       out_batch_axes)
+                       out_batch_axes, param_argnums)
 
 
 def as_scan(fun: Callable, example_xs):

@@ -7,12 +7,16 @@ the state by k elements from the current position. Prefill is a block from
 the empty state, a step a block of one.
 
 The interpreter owns what every rule would otherwise repeat: operands that
-run ahead by different amounts are delayed to the least (``DelayLine``), so a
-rule sees one ``ahead``. Equations whose inputs are all unscanned run
+run ahead by different amounts are delayed to the least (one
+:class:`scanagram.pasts.Past` per value), so a rule sees one ``ahead``. Equations whose inputs are all unscanned run
 unchanged in the fresh block; in later blocks, what took real work on data
 (an encoder) is read from the state instead (:class:`_Plan`), and
 broadcasts, iotas and masks that rules read through :func:`time_block` are
 built only at the block's positions (:class:`Deferred`).
+
+Rules that learn something downstream that an earlier equation needs (a
+mask proves a window, so the keys need only a ring) record it on the
+:class:`Conversion`; :func:`convert_learning` converts again with it.
 """
 import contextlib
 import contextvars
@@ -344,60 +348,167 @@ def bind(eqn, invals, params=None):
   return list(out) if eqn.primitive.multiple_results else [out]
 
 
+# rule per (primitive, kind class): None for equations on sequences and
+# unscanned values, a kind class (History) for equations with an input of
+# that kind, which only the rules for that kind know how to run
 RULES: dict = {}
-HISTORY_RULES: dict = {}  # for equations with a History input (attention)
 _UNALIGNED: set = set()   # rules that line up their operands themselves
 # primitives that act element by element (rules/elementwise fills it): a
 # function of values uniform along an axis is uniform along it
 ELEMENTWISE_PRIMITIVES: set = set()
 
 
-def register(*primitives, history: bool = False, aligned: bool = True):
+def register(*primitives, kind: Optional[type] = None, aligned: bool = True):
   """Registers the decorated function as the rule for ``primitives``
-  (with ``history=True``: for equations that have a History input).
+  (with ``kind``: for equations that have an input of that kind class).
 
   A rule takes an :class:`Eqn` and returns a :class:`Converted`, or raises
   ``eqn.refuse(why)`` when the primitive is not causal the way it is used.
   With ``aligned`` (the default) the interpreter first delays operands that
   run ahead to the least-ahead one, so the rule sees one ``ahead``.
   """
-  table = HISTORY_RULES if history else RULES
-
   def decorate(rule):
     for p in primitives:
-      table[p] = rule
+      RULES[p, kind] = rule
     if not aligned:
       _UNALIGNED.add(rule)
     return rule
   return decorate
 
 
+def rule_for(primitive, in_kinds):
+  """The rule for an equation with ``in_kinds``, or None."""
+  special = {type(k) for k in in_kinds
+             if k is not UNSCANNED and not is_scanned(k)}
+  if len(special) > 1:
+    return None
+  return RULES.get((primitive, special.pop() if special else None))
+
+
+class Learner:
+  """A rule family that learns, while converting, facts that another
+  conversion needs (attention learns which window a mask proves, and which
+  products to convert with their operands swapped). :func:`convert_learning`
+  converts again with them.
+
+  Subclasses define ``initial`` (the facts of a first conversion), ``notes``
+  (what its rules record in one conversion; rules reach it through
+  ``e.conversion.notes(learner)``) and the decisions below."""
+  initial: Any = None
+
+  def notes(self, facts):
+    """A fresh record for one conversion given ``facts``."""
+    raise NotImplementedError
+
+  def after_refusal(self, notes):
+    """New facts to convert with after a refusal, or None."""
+    return None
+
+  def improvement(self, notes):
+    """After a successful conversion: facts for a better one, or None."""
+    return None
+
+  def keeps(self, converted) -> bool:
+    """Whether the improved conversion replaces the first."""
+    return True
+
+
+LEARNERS: list = []
+
+
+def learner(cls):
+  """Registers a :class:`Learner` class (the decorator returns its one
+  instance)."""
+  instance = cls()
+  LEARNERS.append(instance)
+  return instance
+
+
+class Conversion:
+  """What every equation of one conversion shares, nested jaxprs included.
+
+  Attributes:
+    rows: the blocks run under ``vmap`` over rows (``batch_axes``); rules
+      may lay their state out for it.
+    carries_or_shifts: (equation, enclosing) of everything that keeps state
+      or shifts the sequence, innermost first.
+    max_ahead: the most any value runs ahead of the input.
+  """
+
+  def __init__(self, facts=None, rows: bool = False):
+    self.rows = rows
+    self.carries_or_shifts = []
+    self.max_ahead = 0
+    self._facts = dict(facts or {})
+    self._notes = {}
+
+  def facts(self, of: Learner):
+    return self._facts.get(of, of.initial)
+
+  def notes(self, of: Learner):
+    """``of``'s record for this conversion."""
+    if of not in self._notes:
+      self._notes[of] = of.notes(self.facts(of))
+    return self._notes[of]
+
+
+def convert_learning(convert: Callable[[Conversion], Any], rows=False):
+  """``convert(conversion)``, again with what each :class:`Learner` learned:
+  after a refusal, with the facts a learner asks for (the first refusal
+  stands when none asks for new ones); after a success, with each learner's
+  improvement, kept when it converts and the learner keeps it."""
+  facts, first_error = {}, None
+  while True:
+    conversion = Conversion(facts, rows)
+    try:
+      converted = convert(conversion)
+      break
+    except ScanConversionError as err:
+      first_error = first_error or err
+      retry = {of: new for of in LEARNERS
+               for new in [of.after_refusal(conversion.notes(of))]
+               if new is not None and new != conversion.facts(of)}
+      if not retry:
+        raise first_error from None
+      facts.update(retry)
+  for of in LEARNERS:
+    better = of.improvement(conversion.notes(of))
+    if better is None:
+      continue
+    trial = {**facts, of: better}
+    try:
+      improved = convert(Conversion(trial, rows))
+    except ScanConversionError:
+      continue
+    if of.keeps(improved):
+      converted, facts = improved, trial
+  return converted
+
+
 def _aligned(rule, e: "Eqn"):
-  """Runs ``rule`` on ``e`` with its operands delayed to one ``ahead``; the
-  delay lines' queues join the equation's state. An operand that is a
-  pointwise function of a shift is recomputed from its source's past
-  instead, one :class:`scanagram.pasts.Past` per source value."""
+  """Runs ``rule`` on ``e`` with its operands delayed to one ``ahead``, read
+  from one :class:`scanagram.pasts.Past` per value (shared by every
+  equation of the jaxpr that delays it, sized by the longest delay). An
+  operand that is a pointwise function of a shift is recomputed from its
+  source's past instead. The pasts' queues join the equation's state."""
   aheads = [k.ahead for k in e.in_kinds if k is not UNSCANNED]
   least = min(aheads)
   if rule in _UNALIGNED or len(set(aheads)) == 1:
     return rule(e)
-  lines, sources, kept = {}, {}, {}   # kept: past key -> its state name
+  sources, kept = {}, {}   # kept: past key -> its state name
   for i, k in enumerate(e.in_kinds):
     if k is UNSCANNED or k.ahead == least:
       continue
     source = pasts.source_delay(e, i, least, ELEMENTWISE_PRIMITIVES,
                                 e.uniform_along_var)
     if source is None:
-      lines[i] = DelayLine(k.axis, e.in_avals[i].shape[k.axis], least,
-                           k.ahead - least)
-      continue
+      source = pasts.plain_delay(e, i, least)
     sources[i] = source
     # the first equation of the jaxpr to read a past keeps it
     if source.key not in kept and e.first_to_share(source.key):
       kept[source.key] = f"past {i}"
   e.in_kinds = tuple(
-      k if i not in lines and i not in sources
-      else dataclasses.replace(k, ahead=least)
+      k if i not in sources else dataclasses.replace(k, ahead=least)
       for i, k in enumerate(e.in_kinds))
   converted = rule(e)
   n_rule = len(e.eqn.invars) + len(converted.reads)
@@ -407,9 +518,6 @@ def _aligned(rule, e: "Eqn"):
     queues, inner = state if state is not None else ({}, None)
     values = dict(zip(extra, ins[n_rule:]))
     ins, new = list(ins[:n_rule]), {}
-    for i, line in lines.items():
-      new[f"line {i}"], ins[i] = line.advance(ctx, queues.get(f"line {i}"),
-                                              ins[i])
     for i, source in sources.items():
       scratch = block_values()
       name = kept.get(source.key)
@@ -417,18 +525,24 @@ def _aligned(rule, e: "Eqn"):
         new[name], scratch[source.key] = source.past.advance(
             ctx, queues.get(name), values[source.source])
 
-      def read(var, n, axis=source.past.axis):
+      def read(var, n=None, positions=None, axis=source.past.axis):
         x = values[var]
+        if n is None:
+          return full_value(x)
         if not jnp.ndim(x):
           return x
-        one = part_along(x, axis, slice(0, 1))
-        return jnp.broadcast_to(one, x.shape[:axis] + (n,) +
-                                x.shape[axis + 1:])
+        if positions is None:   # the same at every position
+          one = part_along(x, axis, slice(0, 1))
+          return jnp.broadcast_to(one, x.shape[:axis] + (n,) +
+                                  x.shape[axis + 1:])
+        size = x.shape[axis]
+        needs_length(f"an unscanned array of length {size} along time")
+        return part_along(x, axis, jnp.clip(positions, 0, size - 1))
       ins[i] = source.value(ctx, scratch[source.key], read, least)
     inner, outs = converted.advance(ctx, inner, ins)
     return (new, inner), outs
   return converted._replace(
-      advance=advance, stateful=bool(lines or kept or converted.stateful),
+      advance=advance, stateful=bool(kept or converted.stateful),
       reads=tuple(converted.reads) + tuple(extra))
 
 
@@ -443,7 +557,7 @@ class Eqn:
 
   shares = None   # the jaxpr's Eqn.first_to_share record
 
-  def __init__(self, eqn, in_kinds, known_value, enclosing=(), context=None,
+  def __init__(self, eqn, in_kinds, known_value, enclosing=(), conversion=None,
                read=None, uniform_along=None, made_from=None, data=None,
                once=False):
     self.eqn = eqn
@@ -459,7 +573,7 @@ class Eqn:
     self.outputs_read = tuple(
         not isinstance(v, jex_core.DropVar) and (read is None or v in read)
         for v in eqn.outvars)
-    self.context = {} if context is None else context
+    self.conversion = Conversion() if conversion is None else conversion
     self.enclosing = tuple(enclosing)
     self.primitive = eqn.primitive
     self.params = eqn.params
@@ -551,7 +665,7 @@ class Eqn:
     unscanned values in every block."""
     return ConvertedJaxpr(closed_jaxpr.jaxpr, closed_jaxpr.consts, in_kinds,
                           in_known, self.enclosing + (self.eqn,),
-                          self.context, in_data, once and self.once)
+                          self.conversion, in_data, once and self.once)
 
 
 class ConvertedJaxpr:
@@ -560,12 +674,10 @@ class ConvertedJaxpr:
   equation's state, in program order."""
 
   def __init__(self, jaxpr, consts, in_kinds, in_known=None, enclosing=(),
-               context=None, in_data=None, once=True):
+               conversion=None, in_data=None, once=True):
     self.jaxpr = jaxpr
     self.once = once
-    # shared by the whole conversion, nested jaxprs included: rules that
-    # learn something downstream (a proven attention window) record it here
-    self.context = {} if context is None else context
+    self.conversion = Conversion() if conversion is None else conversion
     self.enclosing = tuple(enclosing)
     self.consts = list(consts)
     self.in_known = list(in_known) if in_known else [lambda: None] * len(
@@ -604,10 +716,8 @@ class ConvertedJaxpr:
         # batch-axes check refuses both along rows)
         ahead = max([getattr(k, "ahead", 0) for k in out_kinds] + [0])
         if converted.stateful or ahead:
-          self.context.setdefault("carries_or_shifts", []).append(
-              (eqn, self.enclosing))
-        self.context["max_ahead"] = max(ahead,
-                                        self.context.get("max_ahead", 0))
+          self.conversion.carries_or_shifts.append((eqn, self.enclosing))
+        self.conversion.max_ahead = max(ahead, self.conversion.max_ahead)
       for v, k in zip(eqn.outvars, out_kinds):
         kinds[v] = k
         self._made_by[v] = eqn
@@ -620,19 +730,16 @@ class ConvertedJaxpr:
       raise self._refusal(
           eqn, "it uses the final carry of a scan along the scanned axis, "
           "which depends on the whole sequence")
-    if any(isinstance(k, History) for k in in_kinds):
-      rule = HISTORY_RULES.get(eqn.primitive)
-      if rule is None:
-        raise self._refusal(
-            eqn, f"scanagram has no rule for `{eqn.primitive.name}` applied to "
-            "attention scores (values over every position of the sequence)")
-    else:
-      rule = RULES.get(eqn.primitive)
+    rule = rule_for(eqn.primitive, in_kinds)
+    if rule is None and any(isinstance(k, History) for k in in_kinds):
+      raise self._refusal(
+          eqn, f"scanagram has no rule for `{eqn.primitive.name}` applied to "
+          "attention scores (values over every position of the sequence)")
     if rule is None:
       raise self._refusal(
           eqn, f"scanagram has no rule for `{eqn.primitive.name}` applied to "
           "a value that depends on the scanned input")
-    e = Eqn(eqn, in_kinds, self.known_value, self.enclosing, self.context,
+    e = Eqn(eqn, in_kinds, self.known_value, self.enclosing, self.conversion,
             self._read, self.uniform_along, self._made_from, self._is_data,
             self.once)
     self._block_reads[id(eqn)] = e.block_reads

@@ -1,14 +1,16 @@
-"""One delay state per distinct value: a shift read at its source.
+"""One delay state per distinct value: delays read from a shared past.
 
 A value running ``a`` elements ahead meets one that does not, so the
-interpreter delays it (:class:`scanagram.interpreter.DelayLine`). When it is
-a pointwise function of a *shift* of some value x (``jnp.pad(x[:-d],
-((d, 0), ...))``, ``jnp.pad(x, ...)[:T]``), the delayed value is that
-function of x's past: x's last d elements and the block. A width-4
-convolution written as shifted sums (Griffin's ``Conv1D``: ``x * w3 +
-shift(x, 1) * w2 + shift(x, 2) * w1 + shift(x, 3) * w0``) then keeps one
-:class:`Past` of x of 3 elements, shared by the three terms, instead of
-delay lines of 1 + 2 + 3 elements of the three products.
+interpreter delays it: the elements it needs are the last ``a`` of the
+value's :class:`Past`, kept once per value however many equations delay it
+(sized by the longest delay). When the delayed value is a pointwise
+function of a *shift* of some x (``jnp.pad(x[:-d], ((d, 0), ...))``,
+``concatenate([zeros, x[:-d] * mask])``, ``jnp.pad(x, ...)[:T]``) it is
+recomputed from x's past instead. A width-4 convolution written as shifted
+sums (Griffin's ``Conv1D``: ``x * w3 + shift(x * m1, 1) * w2 + ...`` with a
+document mask m varying along time) then keeps one past of x of 3 elements,
+shared by the three terms, instead of delay lines of 1 + 2 + 3 elements of
+the three products.
 """
 from typing import Any, NamedTuple, Optional
 
@@ -35,39 +37,60 @@ class Past:
       shape[self.axis] = self.size
       queue = jnp.zeros(shape, x.dtype)
     window = lax.concatenate([queue.astype(x.dtype), x], self.axis)
-    consumed = ctx.real(self.length, self.ahead)
-    if isinstance(consumed, int):
-      queue = lax.slice_in_dim(window, consumed, consumed + self.size,
+    # the next block starts this many elements on, even where a fresh
+    # block's x stopped short at the end of the value
+    extra = self.ahead if ctx.fresh else 0
+    moved = ctx.advanced + extra
+    missing = ctx.size + extra + self.size - window.shape[self.axis]
+    if missing > 0:   # past the end of the value: never reaches an output
+      widths = [(0, 0)] * window.ndim
+      widths[self.axis] = (0, missing)
+      window = jnp.pad(window, widths)
+    if isinstance(moved, int):
+      queue = lax.slice_in_dim(window, moved, moved + self.size,
                                axis=self.axis)
     else:
-      queue = lax.dynamic_slice_in_dim(window, consumed, self.size, self.axis)
+      queue = lax.dynamic_slice_in_dim(window, moved, self.size, self.axis)
     return queue, window
 
 
 class SourceDelay(NamedTuple):
   """Operand ``index`` of an equation, ``delay`` elements ahead of the
-  others, recomputed from its source's :class:`Past`: ``chain`` are the
-  equations from the source ``source`` to the operand (program order),
-  ``shift`` the pad equation among them."""
+  others, read from its source's :class:`Past`: the source itself delayed
+  (no ``chain``), or recomputed through ``chain``, the equations from the
+  source to the operand (program order) with one ``shift`` among them (a
+  pad or a concatenation after constants). ``reads`` are the chain's
+  unscanned operands, ``tables`` those that vary along time (read at the
+  positions of the block)."""
   source: Any
   past: Past
   key: Any
   delay: int
   chain: tuple
   shift: Any
-  reads: tuple     # the chain's unscanned operands (variables)
+  reads: tuple
+  tables: frozenset
   size: int        # the operand's length along time
 
   def value(self, ctx, window, read, least: int):
     """The operand's elements in this block, delayed to ``least``, from the
-    past's ``window``; ``read(var)`` gives an unscanned operand's block."""
+    past's ``window``; ``read(var, n, positions)`` gives an unscanned
+    operand at ``positions`` along time, or for None its first element
+    ``n`` times (it is the same at every position); ``read(var)`` all of
+    it."""
     axis, past = self.past.axis, self.past
     first, n = ctx.span(self.size, least)
+    if self.shift is None:
+      # a fresh block holds the source from its first element: nothing of
+      # it is due later than now
+      start = past.size - (0 if ctx.fresh else self.delay)
+      return lax.slice_in_dim(window, start, start + n, axis=axis)
     x = lax.slice_in_dim(window, past.size - self.delay,
                          past.size - self.delay + n, axis=axis)
+    positions = first + jnp.arange(n)
     shape = [n if d == axis else 1 for d in range(x.ndim)]
-    before = (first - self.delay + jnp.arange(n) < 0).reshape(shape)
-    env = {self.source: x}
+    before = (positions - self.delay < 0).reshape(shape)
+    env, offset = {self.source: x}, self.delay   # before the shift: x's frame
     for eqn in self.chain:
       ins = []
       for a in eqn.invars:
@@ -75,10 +98,15 @@ class SourceDelay(NamedTuple):
           ins.append(a.val)
         elif a in env:
           ins.append(env[a])
+        elif eqn is self.shift:
+          ins.append(read(a))
         else:
-          ins.append(read(a, n))
-      if eqn is self.shift:   # the shift itself: its fill before position d
-        out = jnp.where(before, jnp.asarray(ins[1], ins[0].dtype), ins[0])
+          ins.append(read(a, n, positions - offset if a in self.tables
+                          else None))
+      if eqn is self.shift:
+        out = jnp.where(before, _fill(eqn, ins, axis, positions), ins[-1]
+                        if eqn.primitive.name == "concatenate" else ins[0])
+        offset = 0
       elif eqn.primitive.name == "slice":   # a cut at the end: no-op here
         out = ins[0]
       else:
@@ -86,6 +114,16 @@ class SourceDelay(NamedTuple):
             *ins, **eqn.primitive.get_bind_params(eqn.params))
       env[eqn.outvars[0]] = out
     return env[self.chain[-1].outvars[0]]
+
+
+def _fill(shift, ins, axis, positions):
+  """What a shift puts before the source: a pad's value, or the constant
+  operands a concatenation puts first, at ``positions``."""
+  if shift.primitive.name != "concatenate":
+    return jnp.asarray(ins[1], ins[0].dtype)
+  front = lax.concatenate([jnp.asarray(a) for a in ins[:-1]], axis)
+  index = jnp.clip(positions, 0, front.shape[axis] - 1)
+  return jnp.take(front, index, axis=axis).astype(ins[-1].dtype)
 
 
 def _is_cut(eqn, axis) -> bool:
@@ -100,30 +138,46 @@ def _is_cut(eqn, axis) -> bool:
               zip(eqn.params["limit_indices"], shape)) if d != axis)
 
 
-def _in_chain(eqn, j, kinds, axis, uniform_along, elementwise) -> bool:
-  """Whether ``eqn`` (scanned operand ``j``) may stand between a source and
-  the delayed operand: a shift, a cut at the end, or an elementwise
-  operation with unscanned operands the same at every position."""
+def _shift_length(eqn, j: int, axis: int) -> Optional[int]:
+  """How far ``eqn`` shifts its scanned operand ``j`` along ``axis`` (a
+  pad at the front, or a concatenation after unscanned operands), or None
+  when it is not such a shift."""
   config = _padding(eqn)
   if config is not None:
     lo, hi, interior = config[axis]
-    return j == 0 and not interior and lo > 0 and hi <= 0 and all(
-        tuple(c) == (0, 0, 0) for d, c in enumerate(config) if d != axis)
-  if _is_cut(eqn, axis):
-    return True
+    if j == 0 and not interior and lo > 0 and hi <= 0 and all(
+        tuple(c) == (0, 0, 0) for d, c in enumerate(config) if d != axis):
+      return lo
+    return None
+  if eqn.primitive.name == "concatenate" and eqn.params["dimension"] == axis \
+      and j == len(eqn.invars) - 1 and j > 0:
+    return sum(a.aval.shape[axis] for a in eqn.invars[:j])
+  return None
+
+
+def _pointwise_in_chain(eqn, kinds, axis, elementwise) -> Optional[set]:
+  """The unscanned operands of an elementwise ``eqn`` that vary along time
+  (read at the block's positions), or None when ``eqn`` may not stand in a
+  chain: its scanned operand and full-length unscanned ones must have its
+  shape."""
   if eqn.primitive not in elementwise:
-    return False
+    return None
   shape = eqn.outvars[0].aval.shape
+  tables = set()
   for a, k in zip(eqn.invars, kinds):
     if isinstance(a, jex_core.Literal) or not a.aval.shape:
       continue
     if k is not UNSCANNED:
       if a.aval.shape != shape:
-        return False
-    elif a.aval.shape[axis] != 1 and (a.aval.shape != shape or
-                                      not uniform_along(a, axis)):
-      return False
-  return True
+        return None
+    elif a.aval.shape[axis] != 1:
+      # lax broadcasts its size-1 axes
+      if len(a.aval.shape) != len(shape) or a.aval.shape[axis] != \
+          shape[axis] or any(n not in (1, m) for n, m in zip(a.aval.shape,
+                                                              shape)):
+        return None
+      tables.add(a)
+  return tables
 
 
 def _padding(eqn):
@@ -151,18 +205,40 @@ def _padding(eqn):
   return pad.params["padding_config"]
 
 
+def _past_of(e, source, axis: int, ahead: int, delay: int):
+  """The shared :class:`Past` of ``source`` (running ``ahead``) that serves
+  a delay of ``delay``, and its key (:meth:`Eqn.first_to_share`)."""
+  same = e.value_key(source)
+  new = Past(axis, source.aval.shape[axis], ahead)
+  past = new if e.shares is None else e.shares.setdefault(
+      ("past object", same, ahead), new)
+  past.size = max(past.size, delay)
+  return past, ("past", same, ahead)
+
+
+def plain_delay(e, i: int, least: int) -> SourceDelay:
+  """Operand ``i`` of ``e`` delayed to ``least`` from its own past (shared
+  by every equation that delays the same value)."""
+  var, kind = e.eqn.invars[i], e.in_kinds[i]
+  delay = kind.ahead - least
+  past, key = _past_of(e, var, kind.axis, kind.ahead, delay)
+  return SourceDelay(var, past, key, delay, (), None, (), frozenset(),
+                     e.in_avals[i].shape[kind.axis])
+
+
 def source_delay(e, i: int, least: int, elementwise, uniform_along) -> Optional[
     SourceDelay]:
   """Operand ``i`` of ``e`` (running ahead of ``least``) as a pointwise
   function of one shift of a value running ``least`` ahead, or None.
 
-  Pointwise: elementwise operations whose other operands are unscanned and
-  the same at every position (``uniform_along``: weights broadcast along
-  time); the shift: one ``pad`` along time with ``lo > 0`` and ``hi <= 0``,
-  and slices that cut the end."""
+  Pointwise, before and after the shift: elementwise operations whose other
+  operands are unscanned (weights broadcast along time, or tables such as a
+  document mask, read at the block's positions); cuts at the end; the
+  shift: one ``pad`` along time with ``lo > 0`` and ``hi <= 0``, or a
+  concatenation after unscanned operands."""
   var, kind = e.eqn.invars[i], e.in_kinds[i]
   axis = kind.axis
-  chain, shift = [], None
+  chain, shift, tables = [], None, set()
   while True:
     made = e.made_from(var)
     if made is None:
@@ -172,30 +248,31 @@ def source_delay(e, i: int, least: int, elementwise, uniform_along) -> Optional[
     if len(scanned) != 1 or len(eqn.outvars) != 1:
       break
     j = scanned[0]
-    if shift is not None and not _is_cut(eqn, axis):
-      break   # past the shift, only cuts at the end lead on to the source
-    if kinds[j].axis != axis or not _in_chain(eqn, j, kinds, axis,
-                                              uniform_along, elementwise):
-      return None
-    if _padding(eqn) is not None:
+    if kinds[j].axis != axis:
+      break
+    length = _shift_length(eqn, j, axis)
+    if length is not None:
+      if shift is not None:
+        break   # a second shift: the source is the first one's output
       shift = eqn
+      if length != kind.ahead - least:
+        return None
+    elif not _is_cut(eqn, axis):
+      found = _pointwise_in_chain(eqn, kinds, axis, elementwise)
+      if found is None:
+        break
+      tables |= {a for a in found if not uniform_along(a, axis)}
     chain.append(eqn)
     var, kind_of_var = eqn.invars[j], kinds[j]
   if shift is None or kind_of_var.ahead != least:
     return None
-  delay = kind.ahead - least
-  if _padding(shift)[axis][0] != delay:
-    return None
-  source = var
-  same = e.value_key(source)
-  key = ("past", same, least)   # (Eqn.first_to_share: who keeps it)
-  new = Past(axis, source.aval.shape[axis], least)
-  past = new if e.shares is None else e.shares.setdefault(
-      ("past object", same, least), new)
-  past.size = max(past.size, delay)
+  # past the source: what the walk took beyond a break is not in the chain
   chain = tuple(reversed(chain))
-  reads = tuple(a for eqn in chain for a in eqn.invars
-                if not isinstance(a, jex_core.Literal) and a is not source
-                and a not in {q.outvars[0] for q in chain})
-  return SourceDelay(source, past, key, delay, chain, shift, reads,
-                     e.in_avals[i].shape[axis])
+  past, key = _past_of(e, var, axis, least, kind.ahead - least)
+  made = {q.outvars[0] for q in chain}
+  reads = tuple(dict.fromkeys(
+      a for eqn in chain for a in eqn.invars
+      if not isinstance(a, jex_core.Literal) and a is not var
+      and a not in made))
+  return SourceDelay(var, past, key, kind.ahead - least, chain, shift, reads,
+                     frozenset(tables), e.in_avals[i].shape[axis])

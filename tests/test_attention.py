@@ -56,6 +56,17 @@ def test_matmul_form_with_float_mask_multiplication():
   check_scan(f, random_like(jnp.zeros((L, D))))
 
 
+@pytest.mark.parametrize("fill", [-1e9, -jnp.inf])
+def test_sigmoid_attention_with_a_fill_converts(fill):
+  """sigmoid of a fill below -1e4 is exactly 0 (no softmax, no sum over
+  the keys): the values of future keys cannot reach the output."""
+  def f(x):
+    q, k, v = qkv(x)
+    logits = jnp.where(tril_mask(L), q @ k.T * 0.5, fill)
+    return jax.nn.sigmoid(logits) @ v
+  check_scan(f, random_like(jnp.zeros((L, D))), prefill_lengths=(0, 3, L))
+
+
 def test_carry_is_the_kv_cache():
   fns = scanagram.to_step(einsum_attention(tril_mask), jnp.zeros((64, D)))
   leaves = jax.tree.leaves(fns.carry_spec())

@@ -151,12 +151,12 @@ def encdec_nested(params, src, flag, tgt):
 
 
 # -- checks --------------------------------------------------------------------
-def to_step(f, *args, rows=False):
+def to_step(f, *args, rows=False, **options):
   n = len(args) - 1
   return scanagram.to_step(
       f, *args, in_axes=(None,) * n + (1,), out_axes=1,
       batch_axes=((None,) + (0,) * n) if rows else None,
-      out_batch_axes=0 if rows else None)
+      out_batch_axes=0 if rows else None, **options)
 
 
 def check_steps(fns, f, unscanned, tgt, prefill_lengths=(0, 1, 3, L)):
@@ -352,19 +352,34 @@ def test_the_step_reads_no_source():
   np.testing.assert_array_equal(y, y_other)
 
 
-def test_parameters_alone_are_not_carried_with_rows():
-  """Weight normalisation is work on parameters alone: with batch_axes it
-  is recomputed (carried, it would be copied per row); without, the
-  unscanned inputs count as data and the norms ``[1, F]`` are computed
-  once (not the normalised weights ``[D, F]``: dividing by the norms is
-  cheap, and they are smaller)."""
+def test_parameters_alone_are_not_carried():
+  """Weight normalisation is work on parameters alone: named as parameters
+  (``param_argnums``, or with batch_axes the arguments without rows) it is
+  recomputed, never carried (with rows it would be copied per row); the
+  encoder's work on the source still is. Unnamed, the unscanned inputs
+  count as data and the norms ``[1, F]`` are computed once (not the
+  normalised weights ``[D, F]``: dividing by the norms is cheap, and they
+  are smaller)."""
   fns = to_step(encdec_weight_norm, PARAMS, SRC, TGT, rows=True)
   check_ragged(fns, encdec_weight_norm, (PARAMS, SRC), TGT)
   assert not [x for x in carry_leaves(fns) if F in x.shape]
   check_carry(fns, PARAMS, rows=True)
+  fns = to_step(encdec_weight_norm, PARAMS, SRC, TGT, param_argnums=0)
+  check_steps(fns, encdec_weight_norm, (PARAMS, SRC), TGT, (0, 4))
+  assert not [x for x in carry_leaves(fns) if F in x.shape]
+  check_carry(fns, PARAMS)
   fns = to_step(encdec_weight_norm, PARAMS, SRC, TGT)
   check_steps(fns, encdec_weight_norm, (PARAMS, SRC), TGT, (0, 4))
   assert [x.shape for x in carry_leaves(fns) if F in x.shape] == [(1, F)] * 2
+
+
+def test_param_argnums_must_name_unscanned_shared_arguments():
+  with pytest.raises(ValueError, match="argument 2, which is scanned"):
+    to_step(encdec, PARAMS, SRC, TGT, param_argnums=2)
+  with pytest.raises(ValueError, match="argument 1, which has rows"):
+    to_step(encdec, PARAMS, SRC, TGT, rows=True, param_argnums=(0, 1))
+  with pytest.raises(ValueError, match="names argument 5; there are 3"):
+    to_step(encdec, PARAMS, SRC, TGT, param_argnums=5)
 
 
 @pytest.mark.parametrize("flag", [1, 0])

@@ -16,11 +16,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 import scanagram
 from scanagram import interpreter, symbolic
-from scanagram.kinds import EXACT, NEG, TAINTED, UNSCANNED, History
+from scanagram.kinds import (EXACT, NEG, NEG_THRESHOLD, TAINTED,
+                             TAINTED_FINITE, UNSCANNED, Future, History)
 from scanagram.rules.attention import masks, scores
-from scanagram.rules.attention.future import (
-    NEG_THRESHOLD, TAINTED_FINITE, future_region, is_neg, is_tainted,
-    operand_future, picked_future)
+from scanagram.rules.attention.learning import ATTENTION
+from scanagram.rules.attention.future import (future_region, operand_future,
+                                              picked_future)
 from conftest import check_refused, check_scan, random_like
 
 
@@ -50,7 +51,7 @@ def _old_known_future(value, region):
                                                       region.shape))
   picked = values[np.broadcast_to(region, values.shape)]
   if picked.size and np.all(picked == picked.flat[0]):
-    return float(picked.flat[0])
+    return Future.constant(picked.flat[0])
   return EXACT
 
 
@@ -92,7 +93,7 @@ def old_select(shape, h, mask, cases):
       f = kind.future
     else:
       f = EXACT if value is None else _old_known_future(value, region)
-    if is_tainted(f):
+    if f.tainted:
       index = np.argwhere(where)[0]
       which = ("a future position (a causal mask keeps key j for query i "
                "only when j <= i)" if index[h.key_axis] > index[h.axis] else
@@ -102,17 +103,17 @@ def old_select(shape, h, mask, cases):
     if value is not None:
       value = np.broadcast_to(value, np.broadcast_shapes(value.shape, full))
       picked_values = value[where]
-      f = (float(picked_values.flat[0])
+      f = (Future.constant(picked_values.flat[0])
            if np.all(picked_values == picked_values.flat[0]) else EXACT)
-      if isinstance(f, float):
-        same = value == f if not is_neg(f) else value <= NEG_THRESHOLD
+      if f.value is not None:
+        same = value == f.value if not f.below else value <= NEG_THRESHOLD
         fill_like |= (choice == case) & same
     picked.append(f)
   future = picked_future(picked)
-  if future is NEG:
+  if future == NEG:
     _old_refuse_empty_rows(h, fill_like, full)
   window = None
-  if h.window is None and (future is NEG or isinstance(future, float)):
+  if h.window is None and (future == NEG or future.value is not None):
     window = _old_proven_window(h, fill_like, full)
   return future, window
 
@@ -149,7 +150,7 @@ class FakeEqn:
                               else tuple(shape), dtype=np.dtype(d))
         for v, d in zip(values, dtypes))
     self._values = list(values)
-    self.context = {}
+    self.conversion = interpreter.Conversion()
 
   def known(self, i):
     return self._values[i]
@@ -172,7 +173,7 @@ def new_select(shape, h, mask, cases):
                            for _, v in cases]
   e = FakeEqn("select_n", shape, kinds, values, dtypes)
   future = masks.select_future(e, h)
-  return future, e.context.get("windows", {}).get(h.origin)
+  return future, e.conversion.notes(ATTENTION).windows.get(h.origin)
 
 
 def new_additive(shape, h, bias):
@@ -182,7 +183,7 @@ def new_additive(shape, h, bias):
   futures = [TAINTED_FINITE, operand_future(e, 1, region)]
   if masks.additive_mask(e, h, futures, region) is None:
     return "not additive"
-  return e.context.get("windows", {}).get(h.origin)
+  return e.conversion.notes(ATTENTION).windows.get(h.origin)
 
 
 def new_band(values, h):
@@ -376,7 +377,7 @@ def test_symbolic_additive_and_band_proofs_equal_the_concrete_ones(
   e = FakeEqn("add", want.shape, [UNSCANNED], [bias], [np.float32])
   assert same(operand_future(e, 0, region),
               _old_known_future(want, np.asarray(region)))
-  if is_neg(_old_known_future(want, np.asarray(region))):
+  if _old_known_future(want, np.asarray(region)).below:
     got = [outcome(lambda b=b: new_additive(want.shape, h, b))
            for b in (bias, want)]
     old = outcome(lambda: old_additive(want.shape, h, want))

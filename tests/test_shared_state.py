@@ -49,6 +49,45 @@ def test_shift_with_a_fill_and_pointwise_work_on_both_sides():
   assert state_shapes(scanagram.to_step(f, x), x) == [(2, D)]
 
 
+def griffin_conv(x, width=4):
+  """Griffin's Conv1D as recurrentgemma writes it: each shifted window is
+  multiplied by a document mask (varying along time) before it is
+  concatenated after zeros."""
+  length = x.shape[0]
+  not_a_boundary = (jnp.arange(length) % 5 != 0).astype(jnp.int32)
+  out = 0.0
+  for shift in range(width):
+    mask = jnp.ones((length - shift,))
+    for k in range(1, shift + 1):
+      mask = mask * not_a_boundary[k:length - shift + k]
+    window = x[:length - shift] * mask[:, None].astype(x.dtype)
+    window = jnp.concatenate([jnp.zeros((shift, D), x.dtype), window], 0)
+    out = out + window * W[width - shift - 1]
+  return out
+
+
+def test_masked_windows_after_concatenation_keep_one_past():
+  x = random_like(jnp.zeros((T, D)))
+  check_scan(griffin_conv, x, prefill_lengths=range(T + 1))
+  assert state_shapes(scanagram.to_step(griffin_conv, x), x) == [(3, D)]
+
+
+def test_a_delayed_value_read_by_several_equations_keeps_one_past():
+  """v runs 2 ahead and is not a pointwise function of a shift (a running
+  sum): three equations delay it, by 2, 2 and 1, from one past of 2."""
+  def f(x):
+    v = jnp.cumsum(jnp.pad(x[:-2], ((2, 0), (0, 0))), 0)
+    late = jnp.pad(x[:-1], ((1, 0), (0, 0)))
+    return jnp.sin(x + v) * (x * v) + jnp.cumsum(late, 0) * v
+  x = random_like(jnp.zeros((T, D)))
+  # prefills up to T - 1 then a step: v's block stops short at the end
+  check_scan(f, x, prefill_lengths=range(T + 1))
+  # two running sums (one element each), one past of v (not 2 + 2 + 1),
+  # and one of the last product, which runs 1 ahead of the sine
+  assert state_shapes(scanagram.to_step(f, x), x) == [(1, D), (1, D),
+                                                       (1, D), (2, D)]
+
+
 def test_shifted_sums_with_ragged_rows():
   B = 3
   f = jax.vmap(shifted_sums)

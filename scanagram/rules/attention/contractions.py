@@ -7,12 +7,12 @@ import jax.numpy as jnp
 from jax.extend.core import primitives as P
 
 from scanagram.interpreter import Converted, bind, block_values, register
-from scanagram.kinds import History, Scanned, is_scanned
+from scanagram.kinds import TAINTED_FINITE, History, Scanned, is_scanned
+from scanagram.rules.attention.learning import ATTENTION
 from scanagram.rules import linalg
 from scanagram.rules.attention import grouped
 from scanagram.rules.attention.buffers import (Buffer, RingBuffer,
                                                batch_dims_first, make_buffer)
-from scanagram.rules.attention.future import TAINTED_FINITE, is_tainted
 from scanagram.rules.common import dot_out_axis
 
 
@@ -38,19 +38,21 @@ def is_attention_contraction(e) -> bool:
 def scores_rule(e):
   """``q·kᵀ``: rows of the queries against every position of the keys. The
   keys join a buffer (a ring when a later mask proved a window), before any
-  repeat over query heads; the scores are History with ``future=TAINTED``.
+  repeat over query heads; the scores are History with future
+  ``TAINTED_FINITE`` (the buffer's unfilled part is zeros).
   The queries are the lhs unless a first conversion found the mask proving
   the other way round (``k·qᵀ``, as einops and named einsums write it)."""
   origin = id(e.eqn)
-  ks = 0 if origin in e.context.get("keys_first", ()) else 1
+  notes = e.conversion.notes(ATTENTION)
+  ks = 0 if origin in notes.facts.keys_first else 1
   qs = 1 - ks
   q, k = e.in_kinds[qs], e.in_kinds[ks]
   dims = e.params["dimension_numbers"]
   ndims = [a.ndim for a in e.in_avals]
-  # what a retry with the roles swapped would need (see convert_with_facts)
-  e.context.setdefault("score_products", {})[origin] = (
+  # what a retry with the roles swapped would need (see learning.ATTENTION)
+  notes.score_products[origin] = (
       dims, tuple(a.shape for a in e.in_avals))
-  window = e.context.get("rings", {}).get(origin)
+  window = notes.facts.rings.get(origin)
   if q.ahead != k.ahead:
     window = None
   kind = History(dot_out_axis(dims, qs, q.axis, ndims),
@@ -64,7 +66,7 @@ def scores_rule(e):
   # would otherwise transpose the whole key buffer to meet them every step.
   # (Without rows the same transpose makes it copy every buffer instead.)
   q_perm, params = None, e.params
-  if e.context.get("rows"):
+  if e.conversion.rows:
     q_perm, params = batch_dims_first(e.params, e.in_avals, qs)
     q_perm = None if q_perm == sorted(q_perm) else q_perm
   buffer, params = make_buffer(k, e, ks, window, params)
@@ -131,7 +133,7 @@ def _grouped(e, side, window):
   return _Grouped(x.source, advance, stateful)
 
 
-@register(P.dot_general_p, history=True, aligned=False)
+@register(P.dot_general_p, kind=History, aligned=False)
 def weights_times_values_rule(e):
   """Weights (History) contracted over their key axis with a scanned value's
   time axis: causal when the weights are exactly 0 at every future key. The
@@ -148,7 +150,7 @@ def weights_times_values_rule(e):
         "the time axis of a value sequence")
   if h.axis in contract[hs] or h.axis in batch[hs]:
     raise e.refuse("it contracts the query positions of attention scores")
-  if h.future != 0.0 or is_tainted(h.future):
+  if not h.future.zero:
     raise e.refuse(_why_weights_not_zero(h))
   if v.ahead < h.ahead or (h.window is not None and v.ahead != h.ahead):
     raise e.refuse("its values run behind the attention rows")
@@ -194,7 +196,7 @@ def _weights_first(e, params, hs):
 
 
 def _why_weights_not_zero(h):
-  if is_tainted(h.future):
+  if h.future.tainted:
     return ("it mixes attention scores over every position of the sequence "
             "and no causal mask removes the future positions (mask the "
             "logits with jnp.where(mask, logits, -1e9) before softmax)")

@@ -11,10 +11,11 @@ first empty row, the largest distance kept."""
 import numpy as np
 
 from scanagram import symbolic
-from scanagram.kinds import EXACT, LOW, NEG, History, UNSCANNED, is_scanned
+from scanagram.kinds import (EXACT, LOW, NEG, NEG_THRESHOLD, TAINTED_FINITE,
+                             Future, History, UNSCANNED)
+from scanagram.rules.attention.learning import ATTENTION
 from scanagram.rules.attention.future import (
-    NEG_THRESHOLD, TAINTED_FINITE, Same, future_region, is_neg, is_tainted,
-    operand_future, picked_future)
+    Same, future_region, operand_future, picked_future)
 
 
 def _cannot_check(why):
@@ -29,13 +30,13 @@ def additive_mask(e, h, futures, region):
   if e.primitive.name != "add":
     return None
   for scores, bias in ((0, 1), (1, 0)):
-    # an unscanned operand's future is a float or EXACT, never NEG itself
-    if futures[scores] is TAINTED_FINITE and e.in_kinds[bias] is UNSCANNED \
-        and is_neg(futures[bias]):
+    # an unscanned operand's future is a constant or EXACT, never NEG itself
+    if futures[scores] == TAINTED_FINITE and e.in_kinds[bias] is UNSCANNED \
+        and futures[bias].below:
       shape = e.out_avals[0].shape
       values = symbolic.lift(e.known(bias), shape, e.in_avals[bias].dtype)
       key = ("additive", values.key, shape, h.axis, h.key_axis, h.window)
-      proofs = e.context.setdefault("mask_proofs", {})
+      proofs = e.conversion.notes(ATTENTION).mask_proofs
       if key not in proofs:
         try:
           proofs[key] = _fill_check(
@@ -53,8 +54,7 @@ def additive_mask(e, h, futures, region):
 
 def _record_window(e, h, window):
   if window is not None:
-    windows = e.context.setdefault("windows", {})
-    windows[h.origin] = max(windows.get(h.origin, 0), window)
+    e.conversion.notes(ATTENTION).record_window(h.origin, window)
 
 
 def select_future(e, h):
@@ -75,7 +75,7 @@ def select_future(e, h):
   # every layer of a model applies the same mask: prove it once
   key = (mask.key, shape, h.axis, h.key_axis, h.window,
          tuple(_case_key(c) for c in cases))
-  proofs = e.context.setdefault("mask_proofs", {})
+  proofs = e.conversion.notes(ATTENTION).mask_proofs
   if key not in proofs:
     try:
       proofs[key] = _prove_mask(e, h, mask, cases)
@@ -101,19 +101,19 @@ def _case(e, i):
 
 
 def _case_key(case):
-  """What the proof depends on in a case of a select."""
+  """What the proof depends on in a case of a select: its value when known,
+  else its record (EXACT but for scores: the same array in both modes)."""
   kind, value = case
-  if isinstance(kind, History):
-    return "history", kind.future
-  if is_scanned(kind):
-    return ("row",)
-  return "known", None if value is None else value.key
+  if value is not None:
+    return "known", value.key
+  return "record", kind.future if isinstance(kind, History) else EXACT
 
 
 def _prove_mask(e, h, mask, cases):
   """(future record of the select's output, window the mask proves or
   None), or refuse."""
-  if any(getattr(kind, "future", None) is LOW for kind, _ in cases):
+  if any(isinstance(kind, History) and kind.future == LOW
+         for kind, _ in cases):
     # which keys a row keeps then depends on both masks together
     raise e.refuse("it masks scores that an additive mask has already "
                    "masked: scanagram proves one mask per score, so use "
@@ -144,7 +144,7 @@ def _prove_mask(e, h, mask, cases):
     if firsts[c] is None:
       continue
     f = operand_future(e, c + 1, region) if value is None else EXACT
-    if is_tainted(f):
+    if f.tainted:
       index = firsts[c]
       which = ("a future position (a causal mask keeps key j for query i "
                "only when j <= i)" if index[h.key_axis] > index[h.axis] else
@@ -153,25 +153,27 @@ def _prove_mask(e, h, mask, cases):
                      f"{index[h.axis]}: {which}")
     if value is not None:
       one = same[c].value
-      f = EXACT if one is None else float(one)
-      if isinstance(f, float):
+      f = EXACT if one is None else Future.constant(one)
+      if f.value is not None:
         fills.append((c, value, f))
-    picked.append(EXACT if f == "row" else f)
+    picked.append(f)
   future = picked_future(picked)
   window = None
-  need_window = h.window is None and (future is NEG or
-                                      isinstance(future, float))
-  if future is NEG or need_window:
+  # a fill at every future key (NEG or one constant) may prove a window
+  need_window = h.window is None and (future == NEG or
+                                      future.value is not None)
+  if future == NEG or need_window:
     def fill_like(idx):
       """Where the mask picks a case that holds its fill value there."""
       choice = mask.at(idx).astype(np.int64)
       out = np.zeros(choice.shape, bool)
       for c, value, f in fills:
         v = value.at(idx)
-        out |= (choice == c) & (v <= NEG_THRESHOLD if is_neg(f) else v == f)
+        out |= (choice == c) & (v <= NEG_THRESHOLD if f.below else
+                                v == f.value)
       return out
     empty_row, window = _fill_check(shape, h, [mask] + known, fill_like)
-    if future is NEG:
+    if future == NEG:
       _refuse_empty_rows(e, empty_row)
     if not need_window:
       window = None

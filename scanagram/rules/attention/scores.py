@@ -11,12 +11,14 @@ from jax.extend.core import primitives as P
 from scanagram import symbolic
 from scanagram.errors import ScanConversionError
 from scanagram.interpreter import bind, register, time_block
-from scanagram.kinds import EXACT, LOW, NEG, TAINTED, UNSCANNED, History, is_scanned
+from scanagram.kinds import TAINTED, UNSCANNED, History, is_scanned
 from scanagram.rules import calls, elementwise, structural
 from scanagram.rules.attention import masks
 from scanagram.rules.attention.buffers import ring_positions
+from scanagram.rules.attention.learning import ATTENTION
 from scanagram.rules.attention.future import (
-    Same, combine_future, future_region, is_tainted, operand_future)
+    Same, allows_reduction, future_region, on_scalars, operand_future,
+    reduced_future, transfer)
 from scanagram.rules.common import pointwise, with_size
 
 def history_axes(e):
@@ -139,23 +141,22 @@ def _band(e, i, h):
 
 
 @register(*[p for p in elementwise.ELEMENTWISE if p is not P.select_n_p],
-          history=True)
+          kind=History)
 def elementwise_rule(e):
   """Elementwise ops on scores: position by position, so causal; the future
   record follows the op."""
   h = history_axes(e)
   region = future_region(e.out_avals[0].shape, h.axis, h.key_axis, h.window)
   futures = [operand_future(e, i, region) for i in range(len(e.in_kinds))]
-  futures = [EXACT if f == "row" else f for f in futures]
   with _noting_refusal(e, h):
     future = masks.additive_mask(e, h, futures, region)
   if future is None:
-    future = combine_future(e, futures)
+    future = transfer(e.primitive.name, futures, on_scalars(e))
   return history_pointwise(e, h, future)
 
 
 
-@register(P.select_n_p, history=True)
+@register(P.select_n_p, kind=History)
 def select_rule(e):
   """``jnp.where(mask, scores, fill)``: the mask must be known at conversion
   time; where it picks at a future key, the picked case must be exact there.
@@ -174,13 +175,13 @@ def _noting_refusal(e, h):
   try:
     yield
   except ScanConversionError:
-    e.context.setdefault("refused_masks", set()).add(h.origin)
+    e.conversion.notes(ATTENTION).refused_masks.add(h.origin)
     raise
 
 
 # -- structure and reductions on scores ---------------------------------------
 @register(P.broadcast_in_dim_p, P.reshape_p, P.transpose_p, P.squeeze_p,
-          history=True)
+          kind=History)
 def structural_rule(e):
   """Moves the rows and the key axis; causal when both stay whole axes."""
   h = e.in_kinds[0]
@@ -214,10 +215,11 @@ def structural_rule(e):
 
 
 @register(P.reduce_sum_p, P.reduce_max_p, P.reduce_min_p, P.reduce_prod_p,
-          P.argmax_p, P.argmin_p, history=True)
+          P.argmax_p, P.argmin_p, kind=History)
 def reduce_rule(e):
-  """Over the key axis: causal when the rows are exact (a proven mask came
-  first); the result is scanned. Over other axes: still scores."""
+  """Over the key axis: causal when the rows' record allows the reduction
+  (:func:`allows_reduction`: exact rows, a proven mask came first); the
+  result is scanned. Over other axes: still scores (:func:`reduced_future`)."""
   h = e.in_kinds[0]
   ndim = e.in_avals[0].ndim
   axes = [d % ndim for d in e.params["axes"]]
@@ -227,34 +229,27 @@ def reduce_rule(e):
                    "scores")
   new_axis = h.axis - sum(d < h.axis for d in axes)
   if h.key_axis in axes:
-    if is_tainted(h.future):
+    if h.future.tainted:
       raise e.refuse(
           f"{name} reduces over every position of the sequence (the keys of "
           "q·kᵀ) and no causal mask removes the future positions first")
-    if h.future is LOW and name not in ("reduce_max", "argmax"):
+    if not allows_reduction(h.future, name):
       raise e.refuse(
           f"{name} over the keys of scores masked by addition: their future "
           "entries are large and negative in both modes but not equal, so "
           "only a maximum (softmax's) may be taken over them")
-    if h.window is not None and not (
-        (name == "reduce_max" and h.future in (NEG, LOW)) or
-        (name == "reduce_sum" and h.future == 0.0)):
+    if not allows_reduction(h.future, name, h.window):
       raise e.refuse(f"{name} over a window's ring of keys would miss the "
                      "positions outside the window")
     return pointwise(e, [h.axis], [new_axis])
   new_key = h.key_axis - sum(d < h.key_axis for d in axes)
-  if is_tainted(h.future):
-    future = h.future if name == "reduce_sum" else TAINTED
-  elif h.future is LOW:
-    future = LOW if name == "reduce_max" else TAINTED
-  else:
-    future = h.future if h.future == 0.0 and name == "reduce_sum" else EXACT
-  out = h.replace(axis=new_axis, key_axis=new_key, future=future)
+  out = h.replace(axis=new_axis, key_axis=new_key,
+                  future=reduced_future(h.future, name))
   return pointwise(e, [h.axis], [new_axis], out_kinds=[out])
 
 
 @register(P.jit_p, P.closed_call_p, P.custom_jvp_call_p, P.custom_vjp_call_p,
-          P.remat_p, history=True)
+          P.remat_p, kind=History)
 def call_rule(e):
   """Calls on scores convert their body (``jnp.where`` is a jit)."""
   return calls.call_rule(e)
