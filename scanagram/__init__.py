@@ -7,7 +7,9 @@ from scanagram.api import StepFunctions, as_scan, as_scan_with_prefill, to_step
 from scanagram.associative import associative_scan
 from scanagram.custom import custom_scanagram
 from scanagram.errors import ScanConversionError
+from scanagram.explain import explain
 
 __version__ = "0.1.0"
 __all__ = ["as_scan", "as_scan_with_prefill", "to_step", "StepFunctions",
-           "ScanConversionError", "custom_scanagram", "associative_scan"]
+           "ScanConversionError", "custom_scanagram", "associative_scan",
+           "explain"]

@@ -708,7 +708,13 @@ class ConvertedJaxpr:
         for v in eqn.outvars:
           self._producer[v] = eqn
       else:
-        converted = self._convert_eqn(eqn, in_kinds_eqn)
+        try:
+          converted = self._convert_eqn(eqn, in_kinds_eqn)
+        except ScanConversionError as err:
+          # for scanagram.explain: the kinds found before the refusal (the
+          # outermost jaxpr's, which sees the error last)
+          err.partial = (jaxpr, dict(kinds), eqn)
+          raise
         out_kinds = converted.out_kinds
         name = f"{index}_{eqn.primitive.name}" if converted.stateful else None
         self.entries.append((eqn, converted, name))
