@@ -11,8 +11,8 @@ from jax.extend.core import primitives as P
 
 from scanagram.interpreter import register
 from scanagram.kinds import UNSCANNED, is_scanned
-from scanagram.rules.common import (CausalWindow, pointwise, replaced_at,
-                                    window_ahead)
+from scanagram.rules.common import (SELECTS_OVER_TIME, CausalWindow,
+                                    pointwise, replaced_at, window_ahead)
 
 # primitive -> number of trailing axes it acts on
 _TRAILING = {
@@ -59,7 +59,8 @@ def approx_top_k_rule(e):
   """Causal unless it selects along the scanned axis."""
   axis = e.in_kinds[0].axis
   if e.params["reduction_dimension"] % e.in_avals[0].ndim == axis:
-    raise e.refuse(f"approx_top_k selects along the scanned axis {axis}")
+    raise e.refuse(f"approx_top_k selects along the scanned axis {axis}"
+                   f"{SELECTS_OVER_TIME}")
   return pointwise(e, [axis], [axis] * len(e.out_avals))
 
 

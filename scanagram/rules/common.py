@@ -13,6 +13,21 @@ from scanagram.interpreter import (Converted, bind, block_values,
                                    needs_length, stateless, time_block)
 from scanagram.kinds import UNSCANNED, Scanned, is_scanned
 
+# Refusals that end with what converts instead. A loop over time reads the
+# sequence one position at a time (x[t], jnp.unstack, dynamic_slice), each
+# read a separate operation the conversion cannot step through.
+SCAN_INSTEAD = ("`lax.scan` over the sequence (`hk.dynamic_unroll` in "
+                "Haiku), which converts to a step")
+LOOP_OVER_TIME = ("If this is a loop over time (a Python loop, "
+                  "`lax.fori_loop`, `hk.static_unroll`), write it as "
+                  f"{SCAN_INSTEAD}")
+# sort and top_k along time need the whole sequence for every output
+SELECTS_OVER_TIME = (
+    ", which needs every position of the sequence, later ones included. A "
+    "causal alternative: a running maximum or minimum (`lax.cummax`, "
+    "`lax.cummin`), or a `lax.scan` whose carry keeps the k largest elements "
+    "so far, or a sorted window of the latest ones")
+
 
 def scanned_operands(e):
   return [i for i, k in enumerate(e.in_kinds) if is_scanned(k)]

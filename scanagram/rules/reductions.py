@@ -11,7 +11,7 @@ from jax.extend.core import primitives as P
 
 from scanagram.interpreter import Converted, register
 from scanagram.kinds import Scanned
-from scanagram.rules.common import last_real, pointwise
+from scanagram.rules.common import SELECTS_OVER_TIME, last_real, pointwise
 from scanagram.rules.elementwise import scanned_axis
 
 _REDUCE = [P.reduce_sum_p, P.reduce_max_p, P.reduce_min_p, P.reduce_prod_p,
@@ -55,7 +55,8 @@ def sort_rule(e):
   """Causal unless it sorts along the scanned axis."""
   axis = scanned_axis(e)
   if e.params["dimension"] % e.in_avals[0].ndim == axis:
-    raise e.refuse(f"sort sorts along the scanned axis {axis}")
+    raise e.refuse(f"sort sorts along the scanned axis {axis}"
+                   f"{SELECTS_OVER_TIME}")
   return pointwise(e, [axis] * len(e.in_avals), [axis] * len(e.out_avals))
 
 
@@ -66,7 +67,8 @@ def top_k_rule(e):
   ndim = e.in_avals[0].ndim
   k_axis = e.params.get("axis", ndim - 1) % ndim
   if k_axis == axis:
-    raise e.refuse(f"top_k selects along the scanned axis {axis}")
+    raise e.refuse(f"top_k selects along the scanned axis {axis}"
+                   f"{SELECTS_OVER_TIME}")
   return pointwise(e, [axis], [axis, axis])
 
 

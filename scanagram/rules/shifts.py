@@ -13,7 +13,7 @@ from jax.extend.core import primitives as P
 from scanagram import _jax_internals
 from scanagram.interpreter import needs_length, register, stateless
 from scanagram.kinds import UNSCANNED, Scanned
-from scanagram.rules.common import pointwise, with_size
+from scanagram.rules.common import LOOP_OVER_TIME, pointwise, with_size
 from scanagram.rules.elementwise import scanned_axis
 
 
@@ -24,10 +24,10 @@ _ASSOCIATIVE_SCAN_HINT = (
     "same function, and it converts)")
 
 
-def _future(e, axis, steps, what):
+def _future(e, axis, steps, what, advice=""):
   return e.refuse(
       f"{what} along the scanned axis {axis}: element t would need element "
-      f"t + {steps} of its input, a future element")
+      f"t + {steps} of its input, a future element{advice}")
 
 
 @register(P.slice_p)
@@ -47,7 +47,11 @@ def slice_rule(e):
                   limit_indices=with_size(params["limit_indices"], axis, n))
     return pointwise(e, [axis], [axis], resize)
   if start > kind.ahead:
-    raise _future(e, axis, start - kind.ahead, f"it starts at element {start}")
+    # a Python loop over time reads one element per iteration and is
+    # refused at the first element past what the input holds
+    loop = limit - start == 1 and start == kind.ahead + 1
+    raise _future(e, axis, start - kind.ahead, f"it starts at element {start}",
+                  f". {LOOP_OVER_TIME}" if loop else "")
   ahead = kind.ahead - start
   size = e.out_avals[0].shape[axis]
   others = dict(e.params)

@@ -9,7 +9,8 @@ from jax.extend.core import primitives as P
 
 from scanagram import _jax_internals
 from scanagram.interpreter import register
-from scanagram.rules.common import pointwise, with_size
+from scanagram.rules.common import (LOOP_OVER_TIME, SCAN_INSTEAD, pointwise,
+                                    with_size)
 from scanagram.rules.elementwise import scanned_axis
 
 
@@ -69,7 +70,8 @@ def squeeze_rule(e):
   axis = e.in_kinds[0].axis
   dims = [d % e.in_avals[0].ndim for d in e.params["dimensions"]]
   if axis in dims:
-    raise e.refuse("it squeezes away the scanned axis")
+    raise e.refuse("it squeezes away the scanned axis, reading one position "
+                   f"of the sequence (`x[t]`). {LOOP_OVER_TIME}")
   return pointwise(e, [axis], [axis - sum(d < axis for d in dims)])
 
 
@@ -91,7 +93,8 @@ def dynamic_slice_rule(e):
   if e.params["slice_sizes"][axis] != e.in_avals[0].shape[axis]:
     raise e.refuse(
         f"it takes a window of {e.params['slice_sizes'][axis]} of the "
-        f"{e.in_avals[0].shape[axis]} elements along the scanned axis {axis}")
+        f"{e.in_avals[0].shape[axis]} elements along the scanned axis {axis} "
+        f"at the position its start index gives. {LOOP_OVER_TIME}")
 
   def resize(params, n):
     return dict(params, slice_sizes=with_size(params["slice_sizes"], axis, n))
@@ -106,7 +109,8 @@ def dynamic_update_slice_rule(e):
   if update.shape[axis] != operand.shape[axis]:
     raise e.refuse(
         f"it writes {update.shape[axis]} of the {operand.shape[axis]} "
-        f"elements along the scanned axis {axis} at a position")
+        f"elements along the scanned axis {axis} at a position. "
+        f"{LOOP_OVER_TIME}")
   return pointwise(e, [axis, axis] + [None] * (len(e.in_avals) - 2), [axis])
 
 
@@ -127,7 +131,8 @@ def unstack_rule(e):
   gone = e.params["axis"]
   if gone == axis:
     raise e.refuse(f"it unstacks the scanned axis {axis} into one value per "
-                   "position")
+                   "position, as a Python loop over time or "
+                   f"`hk.static_unroll` does. Write the loop as {SCAN_INSTEAD}")
   return pointwise(e, [axis], [axis - (axis > gone)] * len(e.out_avals))
 
 

@@ -12,10 +12,22 @@ import numpy as np
 
 from scanagram import symbolic
 from scanagram.kinds import (EXACT, LOW, NEG, NEG_THRESHOLD, TAINTED_FINITE,
-                             Future, History, UNSCANNED)
+                             Future, History, UNSCANNED, is_scanned)
 from scanagram.rules.attention.learning import ATTENTION
 from scanagram.rules.attention.future import (
     Same, future_region, operand_future, picked_future)
+
+
+# what masks padding instead of a mask made from the data: each row's length
+USE_LENGTHS = (
+    "give each row's length instead (`to_step(..., batch_axes=...)`, then "
+    "`prefill(..., lengths=...)`), which masks padding exactly")
+
+
+def padding_mask(what):
+  """The refusal's end for a padding mask (or bias) computed from the data."""
+  return (f"scanagram checks masks at conversion time, and a {what} computed "
+          f"from the data is not known then. Drop it and {USE_LENGTHS}")
 
 
 def _cannot_check(why):
@@ -60,13 +72,18 @@ def _record_window(e, h, window):
 def select_future(e, h):
   """The future record of ``jnp.where(mask, scores, fill)`` on scores ``h``
   (recording the window its mask proves), or refuse."""
+  if is_scanned(e.in_kinds[0]):   # per query: a padding mask
+    raise e.refuse("its mask depends on the scanned input: "
+                   + padding_mask("padding mask"))
   if e.in_kinds[0] is not UNSCANNED:
     raise e.refuse("its mask depends on the scanned input")
   mask = e.known(0)
   if mask is None:
     raise e.refuse(
         "its mask depends on an input of the function, so scanagram cannot "
-        "check at conversion time that it removes the future positions")
+        "check at conversion time that it removes the future positions. "
+        "Build the causal mask inside the function (`jnp.tril`, or compare "
+        f"`jnp.arange` positions), and for padding {USE_LENGTHS}")
   if isinstance(mask, symbolic.Unavailable):
     raise e.refuse(_cannot_check(mask.why))
   shape = e.out_avals[0].shape

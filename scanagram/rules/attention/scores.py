@@ -33,8 +33,12 @@ def history_axes(e):
     raise e.refuse("it combines attention scores with different windows")
   for k in e.in_kinds:
     if is_scanned(k) and k.axis != axis:
+      # one value per key made from the data: a key-padding mask or bias
+      per_key = (f" (their key axis {key_axis}): "
+                 + masks.padding_mask("key-padding mask or bias")
+                 if k.axis == key_axis else "")
       raise e.refuse("it combines attention scores with a sequence scanned "
-                     "along another axis")
+                     f"along another axis{per_key}")
   ahead = min(k.ahead for k in e.in_kinds if k is not UNSCANNED)
   return History(axis, key_axis, ahead, TAINTED, windows.pop(),
                  kinds[0].origin)
