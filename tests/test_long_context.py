@@ -339,7 +339,7 @@ def _proofs(formula, layout, n, window, fill, fill_first):
 
 
 settings.register_profile(
-    "masks", max_examples=40, deadline=None,
+    "masks", max_examples=20, deadline=None,
     suppress_health_check=[HealthCheck.too_slow])
 
 

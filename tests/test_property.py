@@ -71,7 +71,7 @@ BLOCKS = {
 }
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(st.lists(st.sampled_from(sorted(BLOCKS)), min_size=1, max_size=5),
        st.integers(0, L))
 def test_composition_of_causal_blocks(names, prompt_length):
@@ -86,7 +86,7 @@ def test_composition_of_causal_blocks(names, prompt_length):
 B = 3
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(st.lists(st.sampled_from(sorted(BLOCKS)), min_size=1, max_size=4),
        st.lists(st.integers(0, L), min_size=B, max_size=B),
        st.lists(st.integers(1, L), min_size=1, max_size=3),
