@@ -517,7 +517,7 @@ def bench_conversion(config, results):
 def bench_torch(config, results, pair, params, tokens):
   """TorchStepper against the same jitted, donated step called from JAX."""
   import torch
-  from adapters.torch import TorchStepper
+  from scanagram.adapters.torch import TorchStepper
   calls = config["torch_calls"]
   stepper = TorchStepper(pair, params)
   jax_step = jax.jit(lambda p, carry, x: pair.step(p, carry, x),

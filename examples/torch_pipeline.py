@@ -1,7 +1,8 @@
 """A PyTorch pipeline around JAX: a torch sampling loop (temperature, top-k
 with torch.topk, torch.multinomial) drives the derived transformer step
-through adapters.torch.TorchStepper, and a small torch module is trained with
-torch autograd on features from a JAX function wrapped with jax2torch.
+through scanagram.adapters.torch.TorchStepper, and a small torch module is
+trained with torch autograd on features from a JAX function wrapped with
+jax2torch.
 
 Run: python examples/torch_pipeline.py [--smoke] [--help]
 """
@@ -15,7 +16,7 @@ import torch
 import common
 import transformer
 from adapters.haiku import to_step
-from adapters.torch import TorchStepper, jax2torch
+from scanagram.adapters.torch import TorchStepper, jax2torch
 
 
 def sample_top_k(logits: torch.Tensor, k: int, temperature: float,

@@ -1,4 +1,5 @@
-"""adapters.torch: jax2torch, TorchStepper, export_step / load_step."""
+"""scanagram.adapters.torch: jax2torch, TorchStepper, export_step /
+load_step."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,7 +7,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from adapters.torch import jax2torch, to_jax, to_torch  # noqa: E402
+from scanagram.adapters.torch import (  # noqa: E402
+    jax2torch, to_jax, to_torch)
 
 
 def _np(x):
@@ -195,6 +197,28 @@ def test_bfloat16_and_bool():
   assert y.dtype == torch.bfloat16 and y.tolist() == [1.5, 0.0, 3.5]
 
 
+def test_int64_outside_int32_is_refused_not_wrapped():
+  """Without x64 JAX narrows int64 to int32 by wrapping (2**31 -> -2**31):
+  such values are refused wherever a tensor crosses."""
+  big = torch.tensor([1, 2 ** 31, -2 ** 31 - 1])
+  with pytest.raises(ValueError, match=r"tensor: 2 of its int64 values lie "
+                     r"outside the int32 range \[-2147483648, 2147483647\] "
+                     r"\(e.g. 2147483648\)"):
+    to_jax(big)
+  f = jax2torch(lambda ids: ids + 1)
+  with pytest.raises(ValueError, match="argument leaf 0: 2 of its int64"):
+    f(big)
+  with pytest.raises(ValueError, match=r"uint32 range \[0, 4294967295\] "
+                     r"\(e.g. 18446744073709551615\)"):
+    to_jax(torch.tensor([2 ** 64 - 1], dtype=torch.uint64))
+  edge = torch.tensor([2 ** 31 - 1, -2 ** 31])          # the int32 extremes
+  assert f(edge).dtype == torch.int32 and to_jax(edge).tolist() == [
+      2 ** 31 - 1, -2 ** 31]
+  with jax.enable_x64(True):                            # nothing is narrowed
+    assert to_jax(big).dtype == jnp.int64 and to_jax(big).tolist() == (
+        big.tolist())
+
+
 # -- a small causal model ------------------------------------------------------
 B, T, D, H = 2, 8, 3, 4
 
@@ -237,7 +261,8 @@ def _time(tree, sl):
 
 
 # -- TorchStepper --------------------------------------------------------------
-from adapters.torch import TorchStepper, export_step, load_step  # noqa: E402
+from scanagram.adapters.torch import (  # noqa: E402
+    TorchStepper, export_step, load_step)
 
 
 @pytest.mark.parametrize("p", [0, 3, T])
@@ -402,6 +427,14 @@ def test_stepper_accepts_int64_for_int32_inputs():
   _close(ys, model_fn(table, ids))
   with pytest.raises(TypeError, match="expected dtype int32, got float32"):
     stepper.reset(torch.zeros(2, 1))
+  stepper.reset()
+  with pytest.raises(ValueError, match=r"xs: 1 of its int64 values lie "
+                     r"outside the int32 range .* \(e.g. 4294967296\)"):
+    stepper.run(torch.tensor([[1, 2], [3, 2 ** 32]]))
+  with pytest.raises(ValueError, match=r"x: 1 of its int64 values lie "
+                     r"outside the int32 range"):
+    stepper(torch.tensor([-2 ** 40, 5]))
+  assert stepper.position == 0             # nothing was consumed
 
 
 # -- export_step / load_step ---------------------------------------------------
@@ -411,8 +444,6 @@ import sys  # noqa: E402
 import textwrap  # noqa: E402
 
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 _LOADER = textwrap.dedent("""
     import sys
 
@@ -421,14 +452,13 @@ _LOADER = textwrap.dedent("""
         if name == "haiku" or name.startswith("haiku."):
           raise ImportError("haiku is blocked in this process")
     sys.meta_path.insert(0, _Block())
-    sys.path.insert(0, {root!r})
     try:
       import haiku  # noqa: F401
       raise SystemExit("haiku should not be importable here")
     except ImportError:
       pass
     import numpy as np, torch
-    from adapters.torch import load_step
+    from scanagram.adapters.torch import load_step
 
     data = dict(np.load({inputs!r}))
     stepper = load_step({path!r})
@@ -460,8 +490,7 @@ def test_export_loads_in_a_process_without_haiku_or_model_code(model,
   inputs, outputs = str(tmp_path / "in.npz"), str(tmp_path / "out.npz")
   np.savez(inputs, prompt=np.asarray(xs[:, :p]), x=np.asarray(xs[:, p]),
            rest=np.asarray(xs[:, p + 1:]), all=np.asarray(xs))
-  code = _LOADER.format(root=_ROOT, inputs=inputs, path=path,
-                        outputs=outputs)
+  code = _LOADER.format(inputs=inputs, path=path, outputs=outputs)
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True,
                           text=True, env=env, cwd=str(tmp_path), timeout=300)
@@ -633,6 +662,27 @@ def test_stepper_lengths_refusals(rows_model, model):
   with pytest.raises(TypeError, match="batch_axis"):
     plain.extend(torch.zeros(B, 2, D), lengths=[1, 2])
   assert plain.position == 0
+
+
+def test_stepper_generate_is_the_pairs(rows_model, model, tmp_path):
+  pair, params = rows_model
+  prompt = jax.random.normal(jax.random.key(13), (RB, 4, D))
+
+  def sample(rng, y):                  # the next element from the output
+    return jnp.tanh(y["y"][:, :D]) + 0.1 * jax.random.normal(rng, (RB, D))
+
+  stepper = TorchStepper(pair, params)
+  stepper.reset(_t(prompt[:, :1]))
+  got = stepper.generate(_t(prompt), 3, sample, rng=5,
+                         lengths=torch.tensor([4, 1, 2]))
+  assert isinstance(got, torch.Tensor) and got.shape == (RB, 3, D)
+  _close(got, pair.generate(params, prompt, 3, sample, rng=5,
+                            lengths=[4, 1, 2]))
+  assert stepper.positions.tolist() == [1] * RB   # its carry is untouched
+  path = export_step(model[0], model[1], str(tmp_path / "s.zip"),
+                     prompt_lengths=(2,))
+  with pytest.raises(TypeError, match="a loaded export has no generation"):
+    load_step(path).generate(torch.zeros(B, 2, D), 1, sample)
 
 
 def test_haiku_attention_stepper_with_lengths_equals_jax():
