@@ -8,8 +8,11 @@ from scanagram.associative import associative_scan
 from scanagram.custom import custom_scanagram
 from scanagram.errors import ScanConversionError
 from scanagram.explain import explain
+from scanagram import sampling
+from scanagram.stepping import StepPair, Stepper
 
 __version__ = "0.1.0"
 __all__ = ["as_scan", "as_scan_with_prefill", "to_step", "StepFunctions",
            "ScanConversionError", "custom_scanagram", "associative_scan",
            "explain"]
+__all__ += ["StepPair", "Stepper", "sampling"]

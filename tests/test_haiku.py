@@ -276,8 +276,11 @@ class TimeFlip(hk.Module):
 
 def _refused(forward, *fragments):
   ids = _ids(1, 0)
+  model = hk.transform(forward)
+  params = model.init(jax.random.key(0), ids)
   with pytest.raises(scanagram.ScanConversionError) as info:
-    to_step(hk.transform(forward), ids, axis=1)
+    # without params= the pair converts at its first call
+    to_step(model, ids, axis=1).init(params)
   message = str(info.value)
   for fragment in fragments:
     assert fragment in message, message
