@@ -590,7 +590,10 @@ def test_stateful_model_through_stepper_and_export(tmp_path):
     TorchStepper(pair, params)
   path = str(tmp_path / "stateful.zip")
   export_step(pair, params, path, state=state, prompt_lengths=(3,))
-  for stepper in (TorchStepper(pair, params, state), load_step(path)):
+  # without params=, the pair converts when the stepper first gets them
+  lazy = adapters_haiku.to_step(model, xs, axis=1)
+  for stepper in (TorchStepper(pair, params, state), load_step(path),
+                  TorchStepper(lazy, params, state)):
     _close(stepper.reset(_t(xs[:, :3])), want[:, :3])
     _close(stepper(_t(xs[:, 3])), want[:, 3])
     _close(stepper.run(_t(xs[:, 4:])), want[:, 4:])

@@ -201,8 +201,6 @@ class TorchStepper:
     self.axis = pair.axis
     self.length = pair.length
     self.batch_axis = getattr(pair, "batch_axis", None)
-    self.max_length = getattr(pair, "max_length", pair.length)
-    self._limit = float("inf") if self.max_length is None else self.max_length
     has_state = bool(getattr(pair, "has_state", False))
     if has_state and state is None:
       raise TypeError("this pair's model has state (hk.transform_with_state):"
@@ -212,6 +210,10 @@ class TorchStepper:
                       "TorchStepper(pair, params) without state")
     unscanned = (params, state) if has_state else (params,)
     self._unscanned = tuple(tree_to_jax(u) for u in unscanned)
+    if hasattr(pair, "_ensure"):   # a pair that converts at its first call
+      pair._ensure(self._unscanned, "TorchStepper")
+    self.max_length = getattr(pair, "max_length", pair.length)
+    self._limit = float("inf") if self.max_length is None else self.max_length
     self._element = _element_spec(pair)
     self._plain_x = _plain_tensor_spec(self._element)
     self._fns = _compiled_for(pair)
