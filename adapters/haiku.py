@@ -44,7 +44,7 @@ __all__ = ["to_step", "StepPair", "Stepper"]
 
 
 # -- the adapter ---------------------------------------------------------------
-def to_step(model, example_xs, axis: int = 0, *,
+def to_step(model, example_xs, axis: Optional[int] = None, *,
             batch_axis: Optional[int] = None, params=None,
             state=None) -> "StepPair":
   """Derives a :class:`StepPair` from a Haiku model causal along ``axis``.
@@ -61,7 +61,8 @@ def to_step(model, example_xs, axis: int = 0, *,
       structure, shapes and dtypes of the input and its maximum length L along
       ``axis``.
     axis: the time axis of ``xs``, of prompts and of the outputs (1 for
-      batch-major ``[B, T, ...]`` models).
+      batch-major ``[B, T, ...]`` models). Default 0, with a warning when
+      the example's axis 1 is longer (it looks batch-major).
     batch_axis: None, or the axis of independent rows of ``xs`` and of the
       outputs (0 for batch-major ``[B, T, ...]`` models, 1 for time-major
       ``[T, B, ...]`` ones), as ``jax.vmap``'s ``in_axes``/``out_axes``. With

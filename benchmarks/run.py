@@ -48,6 +48,10 @@ JSON keys (figure name -> number):
     derived step (encoder and cross-attention keys/values computed once in
     prefill, carried) / a hand-written step with cached cross-attention
     keys/values (target <= 1.10).
+  flax_step_ratio: derived step of a linen decoder (4 layers, d=256, L=512,
+    batch 8) / Flax's own decode=True step for the same parameters (target
+    <= 0.8); generate_loop_overhead: per-token time of pair.generate with
+    top_p sampling and stop tokens / the step alone (target <= 1.2).
   convert_seconds_L32768, convert_peak_mib_L32768: to_step of a 2-layer,
     4-head causal transformer (batch 8, L=32768) in a fresh process, the
     worst of four mask styles (tril, arange comparison, hk.MultiHeadAttention
@@ -104,7 +108,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adapters.haiku import to_step
-from benchmarks import baselines, encdec, long_context, models
+from benchmarks import baselines, encdec, flax_decode, long_context, models
 from benchmarks.timing import interleaved, interleaved_calls, seconds
 
 FULL = dict(
@@ -156,6 +160,8 @@ TARGETS = {
     "encdec_step_ratio": ("<=", 1.10),
     "convert_seconds_L32768": ("<=", 5.0),
     "convert_peak_mib_L32768": ("<=", 500.0),
+    "flax_step_ratio": ("<=", 0.8),
+    "generate_loop_overhead": ("<=", 1.2),
 }
 
 
@@ -788,6 +794,9 @@ def main(argv=None):
   bench_gqa(config, results)
   log("encoder-decoder ...")
   encdec.bench_encdec(results, encdec.SMOKE if config is SMOKE else None)
+  log("flax ...")
+  flax_decode.bench_flax(results,
+                         flax_decode.SMOKE if config is SMOKE else None)
   log("torch ...")
   bench_torch(config, results, pair, params, tokens)
   log("conversion ...")

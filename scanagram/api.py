@@ -605,7 +605,7 @@ class StepFunctions:
           want[axis] = shape[axis]
       if shape != tuple(want):
         raise ValueError(f"{name}: expected shape {tuple(want)}, got {shape}")
-      if jnp.dtype(_dtype(x)) != jnp.dtype(spec.dtype):
+      if _dtype(x) != _dtype(spec):
         raise TypeError(f"{name}: expected dtype {spec.dtype}, got "
                         f"{_dtype(x)}")
     if len(ks) > 1:
@@ -638,7 +638,7 @@ class StepFunctions:
       want = s.shape if not self._rows else shape[:1] + s.shape[1:]
       if shape != want:
         raise ValueError(f"{name}: expected shape {want}, got {shape}")
-      if jnp.dtype(_dtype(x)) != s.dtype:
+      if _dtype(x) != s.dtype:
         raise TypeError(f"{name}: expected dtype {s.dtype}, got {_dtype(x)}")
 
 
@@ -671,7 +671,12 @@ def _find_eqn(jaxpr, eqn_id):
 
 
 def _dtype(x):
-  return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+  """``x``'s dtype as JAX has it; a PRNG key's as it is (``jnp.dtype``
+  cannot interpret it)."""
+  dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    return dtype
+  return jnp.dtype(dtype)
 
 
 def _per_arg(axes, n, name):

@@ -22,6 +22,7 @@ arguments of those shapes and dtypes only (one pair, one conversion).
 """
 import collections
 import numbers
+import warnings
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
@@ -92,7 +93,8 @@ class StepPair:
   """
 
   def __init__(self, fun: Callable, unscanned: Optional[Sequence[Any]],
-               example_xs, axis: int = 0, *, has_state: Optional[bool] = None,
+               example_xs, axis: Optional[int] = 0, *,
+               has_state: Optional[bool] = None,
                batch_axis: Optional[int] = None,
                num_unscanned: Optional[int] = None,
                names: Optional[Sequence[str]] = None,
@@ -119,6 +121,9 @@ class StepPair:
                        "arguments")
     self.num_unscanned = n
     self.has_state = (n == 2 if has_state is None else bool(has_state))
+    if axis is None:   # not given: 0, unless the example looks batch-major
+      axis = 0
+      _warn_if_batch_major(example_xs, batch_axis)
     self.axis = axis
     self.batch_axis = batch_axis
     self.xs_spec = jax.tree.map(_spec, example_xs)
@@ -227,7 +232,7 @@ class StepPair:
                                               self._unscanned_flat)):
       leaves, got_tree = jax.tree.flatten(u)
       if got_tree != tree or any(
-          _shape(x) != s.shape or jnp.dtype(_dtype(x)) != s.dtype
+          _shape(x) != s.shape or _dtype(x) != s.dtype
           for x, s in zip(leaves, want)):
         raise TypeError(self._difference(i, u, jax.tree.unflatten(tree, want),
                                          what))
@@ -245,8 +250,8 @@ class StepPair:
     for p, x in got_leaves.items():
       s = want_leaves.get(p)
       if s is not None and (_shape(x) != s.shape or
-                            jnp.dtype(_dtype(x)) != s.dtype):
-        parts.append(f"{name}{p} is {jnp.dtype(_dtype(x)).name}"
+                            _dtype(x) != s.dtype):
+        parts.append(f"{name}{p} is {_dtype(x).name}"
                      f"{list(_shape(x))}, was {s.dtype.name}{list(s.shape)}")
     if not parts:
       parts = [f"{name} has structure {jax.tree.structure(got)}, was "
@@ -947,7 +952,28 @@ def _shape(x):
 
 
 def _dtype(x):
-  return x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+  """``x``'s dtype as JAX has it; a PRNG key's as it is (``jnp.dtype``
+  cannot interpret it)."""
+  dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
+  if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    return dtype
+  return jnp.dtype(dtype)
+
+
+def _warn_if_batch_major(example_xs, batch_axis):
+  """Warns when the default time axis 0 looks like a batch axis: the
+  example's axis 1 is longer (``[B, T, ...]`` converted over B steps one
+  row at a time, silently not what was meant)."""
+  for x in jax.tree.leaves(example_xs):
+    shape = _shape(x)
+    if len(shape) >= 2 and shape[1] > shape[0] and batch_axis != 1:
+      warnings.warn(
+          f"converting along the default axis 0 (length {shape[0]}) of an "
+          f"example of shape {tuple(shape)} whose axis 1 is longer: if it "
+          "is batch-major [B, T, ...], pass axis=1 (and batch_axis=0 for a "
+          "position per row); pass axis=0 to silence this",
+          UserWarning, stacklevel=4)
+      return
 
 
 def _spec(x):

@@ -267,3 +267,18 @@ def test_dead_code_is_not_converted():
   def live(xs):                            # the same slice, read: refused
     return jnp.cumsum(xs, 0)[1:] + xs[1:]
   check_refused(live, X, "slice", "a future element")
+
+
+def test_prng_keys_as_unscanned_arguments():
+  """Typed PRNG keys (an NNX model's random streams) pass through the
+  argument checks of to_step and of a StepPair converting at first use."""
+  keys = jax.random.split(jax.random.key(0), 3)
+
+  def f(keys, xs):
+    return jnp.cumsum(xs, 0) + 0 * jax.random.uniform(keys[0], ())
+  xs = jnp.ones((4, 2))
+  fns = scanagram.to_step(f, keys, xs, in_axes=(None, 0))
+  carry, out = fns.prefill(keys, xs[:2])
+  assert_trees_close(out, f(keys, xs)[:2])
+  pair = scanagram.StepPair(f, None, xs, 0, num_unscanned=1)
+  assert int(pair.positions(pair.init(keys))) == 0

@@ -40,5 +40,7 @@ def test_required_keys_name_every_figure_of_the_issue():
               # long context, minimal carry, nothing recomputed
               "convert_seconds_L32768", "convert_peak_mib_L32768",
               "gqa_carry_bytes_ratio", "gqa_step_ratio", "encdec_step_ratio",
-              "step_hlo_ratio"]:
+              "step_hlo_ratio",
+              # every JAX framework
+              "flax_step_ratio", "generate_loop_overhead"]:
     assert key in keys

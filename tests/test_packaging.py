@@ -94,7 +94,10 @@ def test_adapters_import_their_siblings_relatively(path):
 
 
 @pytest.mark.parametrize("adapter,library", [("haiku", "haiku"),
-                                             ("torch", "torch")])
+                                             ("torch", "torch"),
+                                             ("flax", "flax"),
+                                             ("nnx", "flax"),
+                                             ("equinox", "equinox")])
 def test_both_names_of_an_adapter_have_the_same_public_names(adapter,
                                                              library):
   pytest.importorskip(library)

@@ -573,3 +573,17 @@ def test_haiku_pair_generates_streams_and_searches():
                                        sampling.greedy, chunk=2)), 1), want)
   tokens, _ = pair.beam_search(params, prompt, steps, 1)
   np.testing.assert_array_equal(tokens[:, 0], want)
+
+
+def test_default_axis_warns_on_a_batch_major_example():
+  """Converting [B, T, ...] over its batch axis silently would be wrong:
+  the default axis warns when axis 1 is longer; an explicit axis does not."""
+  import warnings
+  fun = lambda w, xs: jnp.cumsum(xs, axis=1) * w  # noqa: E731
+  with pytest.warns(UserWarning, match="pass axis=1"):
+    StepPair(fun, (1.0,), jnp.ones((2, 9)), None)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    StepPair(fun, (1.0,), jnp.ones((2, 9)), 1, batch_axis=0)
+    StepPair(fun, (1.0,), jnp.ones((2, 9)), 0)
+    StepPair(fun, (1.0,), jnp.ones((9, 2)), None)
