@@ -72,10 +72,16 @@ def _greedy_alone(name, params, seq, steps):
   sequence (``seq``: its prompt, 1-d)."""
   seq, out = list(np.asarray(seq)), []
   for _ in range(steps):
-    logits = _apply(name)(params, jnp.asarray([seq], jnp.int32))[0, -1]
+    # right-padded to one length (the models are causal): one compile
+    padded = np.zeros((1, _NAIVE_LENGTH), np.int32)
+    padded[0, :len(seq)] = seq
+    logits = _apply(name)(params, jnp.asarray(padded))[0, len(seq) - 1]
     out.append(int(jnp.argmax(logits)))
     seq.append(out[-1])
   return out
+
+
+_NAIVE_LENGTH = 4 * L
 
 
 def _greedy_rows(name, params, prompt, steps, lengths=None):
