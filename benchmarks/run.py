@@ -4,7 +4,7 @@ out/bench.png.
 Usage: python -m benchmarks.run [--smoke] [--out DIR]
 
 Each comparison builds both sides from one Haiku model and its parameters:
-the derived side with ``adapters.haiku.to_step``, the hand-written side
+the derived side with ``scanagram.adapters.haiku.to_step``, the hand-written side
 from :mod:`benchmarks.baselines`. It first checks that both compute the
 same outputs (``allclose`` against ``model.apply``), then times them in the
 same process, interleaved, after warm-up, jitted and blocked on the result,
@@ -107,7 +107,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adapters.haiku import to_step
+from scanagram.adapters.haiku import to_step
 from benchmarks import baselines, encdec, flax_decode, long_context, models
 from benchmarks.timing import interleaved, interleaved_calls, seconds
 

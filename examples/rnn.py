@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 import common
-from adapters.haiku import to_step
+from scanagram.adapters.haiku import to_step
 
 
 def make_model(hidden):

@@ -15,7 +15,7 @@ import torch
 
 import common
 import transformer
-from adapters.haiku import to_step
+from scanagram.adapters.haiku import to_step
 from scanagram.adapters.torch import TorchStepper, jax2torch
 
 

@@ -3,7 +3,7 @@ library's source, then generating through the derived KV-cache step.
 
 Written once, in training mode: token and learned position embeddings,
 pre-LayerNorm blocks of hk.MultiHeadAttention with a causal mask and an MLP.
-`adapters.haiku.to_step` derives prefill and a step whose carry is each
+`scanagram.adapters.haiku.to_step` derives prefill and a step whose carry is each
 layer's key/value cache; `pair.generate` runs generation as one compiled
 loop. The script checks the step against the training mode (exits non-zero
 if they differ), compares its speed with naive recomputation and writes
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from adapters.haiku import to_step
+from scanagram.adapters.haiku import to_step
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "out"
 

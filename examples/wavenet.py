@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import common
-from adapters.haiku import to_step
+from scanagram.adapters.haiku import to_step
 
 LEVELS = 64
 
