@@ -54,7 +54,7 @@ class StepFunctions:
     self._first_scanned = self._scanned_args[0]
     self.param_argnums = self._params(param_argnums, n)
     leaves, self._in_tree = jax.tree.flatten(list(example_args))
-    self._in_specs = [jax.ShapeDtypeStruct(np.shape(x), _dtype(x))
+    self._in_specs = [jax.ShapeDtypeStruct(np.shape(x), dtype_of(x))
                       for x in leaves]
     self._leaf_axes, self._leaf_rows, self._leaf_args = [], [], []
     for i, arg in enumerate(example_args):
@@ -605,9 +605,9 @@ class StepFunctions:
           want[axis] = shape[axis]
       if shape != tuple(want):
         raise ValueError(f"{name}: expected shape {tuple(want)}, got {shape}")
-      if _dtype(x) != _dtype(spec):
+      if dtype_of(x) != dtype_of(spec):
         raise TypeError(f"{name}: expected dtype {spec.dtype}, got "
-                        f"{_dtype(x)}")
+                        f"{dtype_of(x)}")
     if len(ks) > 1:
       raise ValueError("the scanned arguments must have the same number of "
                        f"elements along their scanned axes; got {sorted(ks)}")
@@ -638,8 +638,9 @@ class StepFunctions:
       want = s.shape if not self._rows else shape[:1] + s.shape[1:]
       if shape != want:
         raise ValueError(f"{name}: expected shape {want}, got {shape}")
-      if _dtype(x) != s.dtype:
-        raise TypeError(f"{name}: expected dtype {s.dtype}, got {_dtype(x)}")
+      if dtype_of(x) != s.dtype:
+        raise TypeError(f"{name}: expected dtype {s.dtype}, got "
+                        f"{dtype_of(x)}")
 
 
 _UNKNOWN = object()
@@ -670,7 +671,7 @@ def _find_eqn(jaxpr, eqn_id):
   return None
 
 
-def _dtype(x):
+def dtype_of(x):
   """``x``'s dtype as JAX has it; a PRNG key's as it is (``jnp.dtype``
   cannot interpret it)."""
   dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)

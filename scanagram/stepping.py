@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from scanagram.api import StepFunctions, to_step
+from scanagram.api import StepFunctions, dtype_of as _dtype, to_step
 
 __all__ = ["StepPair", "Stepper", "StepperSnapshot"]
 
@@ -951,13 +951,15 @@ def _shape(x):
   return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
 
 
-def _dtype(x):
-  """``x``'s dtype as JAX has it; a PRNG key's as it is (``jnp.dtype``
-  cannot interpret it)."""
-  dtype = x.dtype if hasattr(x, "dtype") else jnp.result_type(x)
-  if jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
-    return dtype
-  return jnp.dtype(dtype)
+def advanced(position: int, positions, k: int, lengths, lag):
+  """A stepper's ``(position, lag)`` after a block of k elements: every row
+  takes k (``lengths`` None), or row b takes ``lengths[b]``; ``position``
+  is then the furthest row's, ``lag`` how far each row is behind it."""
+  if lengths is None:
+    return position + int(k), lag
+  positions = positions + np.asarray(lengths)
+  position = int(np.max(positions, initial=0))
+  return position, position - positions
 
 
 def _warn_if_batch_major(example_xs, batch_axis):
@@ -1117,12 +1119,8 @@ class Stepper:
     return ys
 
   def _advance(self, k, lengths):
-    if lengths is None:
-      self.position += int(k)
-      return
-    positions = self.positions + np.asarray(lengths)
-    self.position = int(np.max(positions, initial=0))
-    self._lag = self.position - positions
+    self.position, self._lag = advanced(self.position, self.positions, k,
+                                        lengths, self._lag)
 
   def __call__(self, x):
     """Runs one element ``x`` (``axis`` removed) and returns its output."""

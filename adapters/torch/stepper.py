@@ -7,6 +7,7 @@ import numpy as np
 import torch
 from jax import lax
 
+from scanagram import stepping
 from scanagram.export import ExportedPair
 
 from ._dlpack import jax_dtype_of, jit_argument, to_torch, tree_to_jax
@@ -316,12 +317,8 @@ class TorchStepper:
     return self.pair._lengths(np.asarray(lengths), block, what)
 
   def _advance(self, k, lengths):
-    if lengths is None:
-      self.position += int(k)
-      return
-    positions = self.positions + np.asarray(lengths)
-    self.position = int(np.max(positions, initial=0))
-    self._lag = self.position - positions
+    self.position, self._lag = stepping.advanced(
+        self.position, self.positions, k, lengths, self._lag)
 
   def __call__(self, x):
     """One step: ``x`` is one element (``axis`` removed); returns ``y``."""
