@@ -1,3 +1,4 @@
 """Rules, one module per primitive family; importing this registers them."""
 from scanagram.rules import (attention, batched, calls, control_flow, elementwise,
-                             indexing, linalg, reductions, shifts, structural)
+                             indexing, linalg, reductions, sharding, shifts,
+                             structural)

@@ -19,7 +19,7 @@ integer_pow is_finite le le_to lgamma log log1p logistic lt lt_to max min mul ne
 nextafter not or polygamma population_count pow real reduce_precision
 regularized_incomplete_beta rem round rsqrt select_n shift_left
 shift_right_arithmetic shift_right_logical sign sin sinh sqrt square
-stop_gradient sub tan tanh xor zeta name sharding_constraint threefry2x32
+stop_gradient sub tan tanh xor zeta name threefry2x32
 """.split()
 ELEMENTWISE = [getattr(P, n + "_p") for n in _NAMES]
 ELEMENTWISE_PRIMITIVES.update(ELEMENTWISE)

@@ -1,0 +1,72 @@
+"""Sharded models on 8 host devices. The device count is fixed when JAX
+starts, so each check runs in a fresh interpreter with ``XLA_FLAGS`` set
+first (``run_on_8_devices``)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec
+
+from scanagram.rules.sharding import without_axis
+
+
+def run_on_8_devices(code: str) -> str:
+  """Runs ``code`` with 8 host CPU devices; returns its stdout."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      "--xla_force_host_platform_device_count=8 "
+      "--xla_backend_optimization_level=0"))
+  result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=600,
+                          env=env)
+  assert result.returncode == 0, result.stdout + result.stderr
+  return result.stdout
+
+
+def test_without_axis_leaves_only_the_scanned_axis_unsharded():
+  import jax
+  mesh = jax.make_mesh((1, 1), ("data", "model"))
+  sharding = NamedSharding(mesh, PartitionSpec("data", "model"))
+  assert without_axis(sharding, 1, 3).spec == PartitionSpec("data", None,
+                                                             None)
+  assert without_axis(sharding, 2, 3) is sharding      # already unsharded
+  assert without_axis(None, 0, 1) is None
+
+
+def test_sequence_parallel_constraint_adds_no_collectives_to_the_step():
+  """A constraint sharding time over 'model' (sequence parallelism) holds
+  for the training mode; a step of one element leaves time unsharded, so
+  its compiled program gathers nothing (it all-reduced 4 times when the
+  constraint was copied as traced)."""
+  out = run_on_8_devices("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    import scanagram
+    mesh = jax.make_mesh((2, 4), ("data", "model"),
+                         axis_types=(AxisType.Auto,) * 2)
+    B, L, D = 4, 16, 32
+    w = jax.random.normal(jax.random.key(0), (D, D)) / 6
+    x = jax.random.normal(jax.random.key(1), (B, L, D))
+
+    def f(w, x):                                   # x: [B, L, D]
+      h = jnp.tanh(x @ w)
+      h = jax.lax.with_sharding_constraint(
+          h, NamedSharding(mesh, P("data", "model", None)))
+      return jnp.cumsum(h, axis=1)
+
+    want = jax.jit(f)(w, x)
+    fns = scanagram.to_step(f, w, x, in_axes=(None, 1), out_axes=1)
+    for p in (0, 5, L):
+      carry, out = jax.jit(fns.prefill)(w, x[:, :p])
+      np.testing.assert_allclose(out, want[:, :p], atol=1e-5)
+    step = jax.jit(fns.step)
+    carry, _ = jax.jit(fns.prefill)(w, x[:, :5])
+    for t in range(5, L):
+      carry, y = step(w, carry, x[:, t])
+      np.testing.assert_allclose(y, want[:, t], atol=1e-5)
+    hlo = step.lower(w, carry, x[:, 5]).compile().as_text()
+    print(sum(hlo.count(c) for c in ("all-gather", "all-reduce",
+                                     "collective-permute", "all-to-all")))
+  """)
+  assert out.split() == ["0"], out
