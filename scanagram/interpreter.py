@@ -686,8 +686,10 @@ class ConvertedJaxpr:
     self._producer = {}
     self._made_by = {}   # every variable an equation computed -> that one
     self._shares = {}    # Eqn.first_to_share: state key -> its keeper
-    self._known = {v: np.asarray(c) for v, c in zip(jaxpr.constvars, consts)
-                   if _is_array(c)}
+    self._known = {}
+    # constants are fetched only when a rule asks for their value (a mask)
+    self._const_known = {v: c for v, c in zip(jaxpr.constvars, consts)
+                         if _is_array(c)}
     for v in jaxpr.constvars:
       kinds[v] = UNSCANNED
     for v, k in zip(jaxpr.invars, in_kinds):
@@ -805,7 +807,9 @@ class ConvertedJaxpr:
       return np.asarray(var.val)
     if var in self._known:
       return self._known[var]
-    if var in self._invar_known:
+    if var in self._const_known:
+      value = _fetched(self._const_known[var])
+    elif var in self._invar_known:
       value = self._invar_known[var]()
     elif var in self._producer:
       value = self._evaluate_known(self._producer[var], var)
@@ -1101,6 +1105,16 @@ def _size(var) -> int:
 
 def is_scanned_or_history(kind) -> bool:
   return kind is not UNSCANNED
+
+
+def _fetched(constant):
+  """A constant's value on the host, or Unavailable for an array sharded
+  across processes (this process cannot read it all)."""
+  if isinstance(constant, jax.Array) and not constant.is_fully_addressable:
+    return symbolic.Unavailable(
+        "it is an array sharded across processes, which one process cannot "
+        "read; compute it inside the function, or pass it as an argument")
+  return np.asarray(constant)
 
 
 def _is_array(x):

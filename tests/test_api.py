@@ -282,3 +282,29 @@ def test_prng_keys_as_unscanned_arguments():
   assert_trees_close(out, f(keys, xs)[:2])
   pair = scanagram.StepPair(f, None, xs, 0, num_unscanned=1)
   assert int(pair.positions(pair.init(keys))) == 0
+
+
+def test_closed_over_constants_are_fetched_only_when_a_rule_needs_them(
+    monkeypatch):
+  """A weight closed over by the function is never read on the host (an
+  array sharded across processes could not be); a closed-over mask is,
+  since its proof needs its values."""
+  from scanagram import interpreter
+  fetched = []
+  original = interpreter._fetched
+  monkeypatch.setattr(interpreter, "_fetched",
+                      lambda c: fetched.append(np.shape(c)) or original(c))
+  w = jax.random.normal(jax.random.key(0), (4, 5))
+  mask = jnp.tril(jnp.ones((6, 6), bool))
+
+  def weights_only(xs):                      # xs: [6, 4]
+    return jnp.cumsum(jnp.tanh(xs @ w), 0)
+  xs = jnp.ones((6, 4))
+  scanagram.to_step(weights_only, xs)
+  assert fetched == []
+
+  def attention(xs):
+    scores = jnp.where(mask, xs @ xs.T, -1e9)
+    return jax.nn.softmax(scores) @ xs
+  scanagram.to_step(attention, xs)
+  assert (6, 6) in fetched
