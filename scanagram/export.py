@@ -177,7 +177,10 @@ def save(pair, params, path, *, state=None, prompt_lengths=(),
     raise TypeError(f"{type(pair).__name__} has no element_spec: save takes "
                     "a step pair (to_step of an adapter)")
   unscanned = (params, state) if has_state else (params,)
-  u_leaves, u_def = jax.tree.flatten(jax.tree.map(jnp.asarray, unscanned))
+  _check_readable(unscanned)
+  # sharded parameters are gathered: the file holds each one whole
+  u_leaves, u_def = jax.tree.flatten(jax.tree.map(
+      lambda x: jnp.asarray(np.asarray(x)), unscanned))
   x_leaves, x_def = jax.tree.flatten(element)
   axis, length = pair.axis, int(pair.length)
   options = {} if platforms is None else {"platforms": tuple(platforms)}
@@ -259,6 +262,19 @@ def save(pair, params, path, *, state=None, prompt_lengths=(),
     for i, x in enumerate(u_leaves):
       z.writestr(f"params/{i}.bin", np.asarray(x).tobytes())
   return path
+
+
+def _check_readable(unscanned):
+  """Refuses parameters this process cannot read whole (sharded across
+  processes), naming the first."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(unscanned)
+  for path, x in flat:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      raise ValueError(
+          f"save: parameter {jax.tree_util.keystr(path)} is sharded across "
+          "processes, and the file holds each parameter whole: gather it "
+          "first (jax.experimental.multihost_utils.process_allgather), or "
+          "save from parameters one process holds")
 
 
 # -- load ----------------------------------------------------------------------

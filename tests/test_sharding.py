@@ -70,3 +70,41 @@ def test_sequence_parallel_constraint_adds_no_collectives_to_the_step():
                                      "collective-permute", "all-to-all")))
   """)
   assert out.split() == ["0"], out
+
+
+def test_torch_refuses_split_arrays_and_export_gathers_sharded_parameters():
+  """TorchStepper with parameters split over 8 devices refuses with what
+  to do (not DLPack's BufferError); replicated ones cross; save gathers
+  sharded parameters whole, and the loaded step equals the model."""
+  out = run_on_8_devices("""
+    import tempfile, os
+    import jax, jax.numpy as jnp, numpy as np, torch
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from scanagram.stepping import StepPair
+    from scanagram.adapters.torch import TorchStepper, export_step, load_step
+    mesh = jax.make_mesh((8,), ("model",))
+    B, L, D = 2, 6, 16
+    w = jax.random.normal(jax.random.key(0), (D, D)) / 4
+    xs = jax.random.normal(jax.random.key(1), (B, L, D))
+
+    def f(w, xs):
+      return jnp.cumsum(jnp.tanh(xs @ w), axis=1)
+    pair = StepPair(f, (w,), xs, axis=1)
+    split = jax.device_put(w, NamedSharding(mesh, P(None, "model")))
+    try:
+      TorchStepper(pair, split)(torch.from_numpy(np.asarray(xs[:, 0])))
+      print("no error")
+    except ValueError as err:
+      print("refused" if "spread over 8 devices" in str(err) and
+            "jax.device_put(params" in str(err) else repr(err))
+    replicated = jax.device_put(w, NamedSharding(mesh, P()))
+    y = TorchStepper(pair, replicated)(torch.from_numpy(np.asarray(xs[:, 0])))
+    np.testing.assert_allclose(y.numpy(), f(w, xs)[:, 0], atol=1e-5)
+    path = os.path.join(tempfile.mkdtemp(), "step.zip")
+    export_step(pair, split, path)
+    loaded = load_step(path)
+    out = loaded.reset(torch.from_numpy(np.asarray(xs)))
+    np.testing.assert_allclose(out.numpy(), f(w, xs), atol=1e-5)
+    print("exported")
+  """)
+  assert out.split() == ["refused", "exported"], out

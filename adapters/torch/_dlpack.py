@@ -110,6 +110,17 @@ def jit_argument(t: torch.Tensor, name: str):
 
 def to_torch(x) -> torch.Tensor:
   """A JAX array as a torch tensor sharing its memory (zero-copy)."""
+  sharding = getattr(x, "sharding", None)
+  devices = getattr(sharding, "device_set", ())
+  if len(devices) > 1 and sharding.is_fully_replicated:
+    x = x.addressable_data(0)   # every device holds all of it: take one
+  elif len(devices) > 1:
+    raise ValueError(
+        f"a JAX array of shape {tuple(x.shape)} is spread over "
+        f"{len(devices)} devices, and DLPack hands PyTorch one device's "
+        "memory: run the pair on one device (give it parameters placed on "
+        "one device, e.g. jax.device_put(params, jax.devices()[0])), or "
+        "gather the array first (jax.device_get)")
   return torch.from_dlpack(x)
 
 

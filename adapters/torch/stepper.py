@@ -155,6 +155,23 @@ def _compiled_for(pair):
 _compiled_cache = weakref.WeakKeyDictionary()
 
 
+def _on_one_device(x):
+  """A parameter on one device: the step's outputs cross to PyTorch through
+  DLPack, which takes one device's memory. A replicated array gives its
+  first copy; one split over devices is refused."""
+  sharding = getattr(x, "sharding", None)
+  if sharding is None or len(sharding.device_set) == 1:
+    return x
+  if sharding.is_fully_replicated:
+    return x.addressable_data(0)
+  raise ValueError(
+      f"TorchStepper: a parameter of shape {tuple(x.shape)} is spread over "
+      f"{len(sharding.device_set)} devices, and DLPack hands PyTorch one "
+      "device's memory: place the parameters on one device "
+      "(jax.device_put(params, jax.devices()[0])), or step the pair from "
+      "JAX (pair.step, pair.generate), which keeps them sharded")
+
+
 class TorchStepper:
   """A derived step as a stateful PyTorch-side object.
 
@@ -210,7 +227,8 @@ class TorchStepper:
       raise TypeError("this pair's model has no state: pass "
                       "TorchStepper(pair, params) without state")
     unscanned = (params, state) if has_state else (params,)
-    self._unscanned = tuple(tree_to_jax(u) for u in unscanned)
+    self._unscanned = tuple(jax.tree.map(_on_one_device, tree_to_jax(u))
+                            for u in unscanned)
     if hasattr(pair, "_ensure"):   # a pair that converts at its first call
       pair._ensure(self._unscanned, "TorchStepper")
     self.max_length = getattr(pair, "max_length", pair.length)
