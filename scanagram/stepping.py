@@ -281,21 +281,55 @@ class StepPair:
     ``[B]`` (one per row) with ``batch_axis``."""
     return carry["position"]
 
-  def init(self, *unscanned, batch_size: Optional[int] = None):
+  def init(self, *unscanned, batch_size: Optional[int] = None,
+           shardings=None):
     """The carry before any element.
 
     Args:
       *unscanned: ``params`` (and ``state`` for stateful models).
       batch_size: with ``batch_axis``, the number of rows (default: the
         example's).
+      shardings: one sharding per carry leaf (:meth:`carry_shardings`):
+        the carry is made with them, not replicated on every device.
     Returns:
       The carry (a dict of arrays: caches, recurrent states, ``position``).
     """
     if batch_size is not None and self.batch_axis is None:
       raise TypeError("init: batch_size needs rows: convert with "
                       "to_step(..., batch_axis=...)")
-    return self._init(self._unscanned(unscanned, "init"),
-                      None if batch_size is None else int(batch_size))
+    unscanned = self._unscanned(unscanned, "init")
+    size = None if batch_size is None else int(batch_size)
+    if shardings is None:
+      return self._init(unscanned, size)
+    return jax.jit(self._init, static_argnums=1,
+                   out_shardings=shardings)(unscanned, size)
+
+  def carry_shardings(self, *unscanned, prompt_sharding):
+    """A sharding per carry leaf (the carry's structure): where XLA places
+    the carry of a prefill whose prompt has ``prompt_sharding`` and whose
+    parameters have theirs. With them :meth:`init` makes a carry that is
+    sharded like the caches a sharded prefill gives (batch over the data
+    axis, heads over the model axis), and steps keep it so.
+
+    Args:
+      *unscanned: the parameters (and state), as arrays placed on the mesh
+        or ``jax.ShapeDtypeStruct``s with shardings.
+      prompt_sharding: the prompt's sharding: a ``NamedSharding``, or a
+        ``PartitionSpec`` under ``jax.set_mesh``.
+    """
+    unscanned = self._unscanned(unscanned, "carry_shardings")
+    specs = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(_shape(x), _dtype(x),
+                                       sharding=getattr(x, "sharding", None)),
+        unscanned)
+    prompt = jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(_with_size(s.shape, self._axis_of(s),
+                                                  1), s.dtype,
+                                       sharding=prompt_sharding),
+        self.xs_spec)
+    compiled = jax.jit(lambda u, p: self._prefill(u, p, None)[0]).lower(
+        specs, prompt).compile()
+    return compiled.output_shardings
 
   def prefill(self, *args, lengths=None):
     """Runs a prompt of P elements (0 <= P <= L) at once.

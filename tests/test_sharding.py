@@ -108,3 +108,51 @@ def test_torch_refuses_split_arrays_and_export_gathers_sharded_parameters():
     print("exported")
   """)
   assert out.split() == ["refused", "exported"], out
+
+
+def test_carry_shardings_make_init_shard_the_caches_and_steps_keep_them():
+  """Megatron-style parameters (heads over 'model') and a prompt over
+  'data': carry_shardings gives the key/value buffers batch over 'data'
+  and heads over 'model'; init makes them so (each device holds 1/8, not
+  the whole cache), steps keep them and match the training mode."""
+  out = run_on_8_devices("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from scanagram import StepPair
+    mesh = jax.make_mesh((2, 4), ("data", "model"),
+                         axis_types=(AxisType.Auto,) * 2)
+    B, L, D, H = 4, 16, 32, 4
+
+    def f(w, x):                                  # x: [B, L, D]
+      q, k, v = (jnp.einsum("bld,dhk->bhlk", x, w[n]) for n in "qkv")
+      s = jnp.einsum("bhlk,bhmk->bhlm", q, k)
+      s = jnp.where(jnp.tril(jnp.ones((L, L), bool)), s, -1e9)
+      o = jnp.einsum("bhlm,bhmk->bhlk", jax.nn.softmax(s, -1), v)
+      return jnp.einsum("bhlk,hkd->bld", o, w["o"])
+    keys = jax.random.split(jax.random.key(0), 5)
+    w = {n: jax.random.normal(keys[i], (D, H, D // H)) / 6
+         for i, n in enumerate("qkv")}
+    w["o"] = jax.random.normal(keys[3], (H, D // H, D)) / 6
+    heads = NamedSharding(mesh, P(None, "model", None))
+    placed = {n: jax.device_put(w[n], heads) for n in "qkv"}
+    placed["o"] = jax.device_put(w["o"], NamedSharding(mesh, P("model")))
+    x = jax.random.normal(keys[4], (B, L, D))
+    want = jax.jit(f)(w, x)
+    rows = NamedSharding(mesh, P("data", None, None))
+    pair = StepPair(f, (w,), x, axis=1)
+    shardings = pair.carry_shardings(placed, prompt_sharding=rows)
+    carry = pair.init(placed, shardings=shardings)
+    caches = [a for name, a in carry.items() if name != "position"]
+    assert len(caches) == 2
+    for a in caches:
+      assert tuple(a.sharding.spec)[:2] == ("data", "model"), a.sharding
+      assert a.addressable_shards[0].data.size * 8 == a.size
+    xs = jax.device_put(x, rows)
+    for t in range(6):
+      carry, y = pair.step(placed, carry, xs[:, t])
+      np.testing.assert_allclose(y, want[:, t], atol=1e-5)
+    assert all(tuple(a.sharding.spec)[:2] == ("data", "model")
+               for name, a in carry.items() if name != "position")
+    print("sharded")
+  """)
+  assert out.split() == ["sharded"], out
