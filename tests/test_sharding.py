@@ -156,3 +156,22 @@ def test_carry_shardings_make_init_shard_the_caches_and_steps_keep_them():
     print("sharded")
   """)
   assert out.split() == ["sharded"], out
+
+
+def test_two_processes_under_jax_distributed():
+  """Two processes on localhost (gloo collectives), parameters sharded
+  across both: conversion reads no parameter, the steps match the training
+  mode, and saving the parameters is refused with what to do."""
+  import socket
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = str(s.getsockname()[1])
+  worker = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  runs = [subprocess.Popen([sys.executable, worker, str(i), port], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True) for i in range(2)]
+  outs = [run.communicate(timeout=300)[0] for run in runs]
+  for i, (run, out) in enumerate(zip(runs, outs)):
+    assert run.returncode == 0 and f"process {i}: ok" in out, out[-3000:]
