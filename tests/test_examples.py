@@ -9,7 +9,8 @@ EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.mark.parametrize("name", ["transformer", "rnn", "wavenet",
-                                  "torch_pipeline", "flax_llama"])
+                                  "torch_pipeline", "flax_llama",
+                                  "sharded"])
 def test_example_smoke(name):
   args = [sys.executable, str(EXAMPLES / f"{name}.py"), "--smoke"]
   result = subprocess.run(args, capture_output=True, text=True, timeout=600,
