@@ -6,9 +6,9 @@ import os
 import sysconfig
 from typing import Optional
 
-import jax
 
 from scanagram import errors
+from scanagram.stepping import leaf_differences
 
 _STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
 
@@ -36,28 +36,9 @@ def check_like(got, want, what: str, hint: str):
   """Raises a TypeError naming the leaves where ``got`` differs from
   ``want`` (ShapeDtypeStructs) in structure, shape or dtype; ``hint`` says
   what to pass instead."""
-  got_leaves, want_leaves = _by_path(got), _by_path(want)
-  parts = [f"{what}{p} is missing" for p in want_leaves
-           if p not in got_leaves]
-  parts += [f"{what}{p} is not in the model's {what}" for p in got_leaves
-            if p not in want_leaves]
-  for p, x in got_leaves.items():
-    s = want_leaves.get(p)
-    if s is not None and (x.shape != s.shape or x.dtype != s.dtype):
-      parts.append(f"{what}{p} is {x.dtype}{list(x.shape)}, the model's "
-                   f"{s.dtype}{list(s.shape)}")
-  if not parts and jax.tree.structure(got) != jax.tree.structure(want):
-    parts = [f"{what} has structure {jax.tree.structure(got)}, the model's "
-             f"{jax.tree.structure(want)}"]
-  if parts:
-    more = f" (and {len(parts) - 4} more)" if len(parts) > 4 else ""
-    raise TypeError(f"{what} differs from the model's: "
-                    f"{'; '.join(parts[:4])}{more}; {hint}")
-
-
-def _by_path(tree):
-  return {jax.tree_util.keystr(path): x for path, x in
-          jax.tree_util.tree_flatten_with_path(tree)[0]}
+  differs = leaf_differences(got, want, what, "the model's", "the model's")
+  if differs:
+    raise TypeError(f"{what} differs from the model's: {differs}; {hint}")
 
 
 errors.register_library_path(os.path.dirname(os.path.abspath(__file__))

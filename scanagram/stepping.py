@@ -241,25 +241,10 @@ class StepPair:
     """What differs between ``got`` and the example ``want`` of unscanned
     argument i, leaf by leaf."""
     name = self._arg_name(i)
-    got_leaves = dict(_with_paths(got))
-    want_leaves = dict(_with_paths(want))
-    parts = [f"{name}{p} is missing" for p in want_leaves
-             if p not in got_leaves]
-    parts += [f"{name}{p} is not in the converted {name}" for p in got_leaves
-              if p not in want_leaves]
-    for p, x in got_leaves.items():
-      s = want_leaves.get(p)
-      if s is not None and (_shape(x) != s.shape or
-                            _dtype(x) != s.dtype):
-        parts.append(f"{name}{p} is {_dtype(x).name}"
-                     f"{list(_shape(x))}, was {s.dtype.name}{list(s.shape)}")
-    if not parts:
-      parts = [f"{name} has structure {jax.tree.structure(got)}, was "
-               f"{jax.tree.structure(want)}"]
-    more = f" (and {len(parts) - 4} more)" if len(parts) > 4 else ""
+    differs = leaf_differences(got, want, name, "the converted", "was")
     return (f"{what}: {name} differs from the one this StepPair was "
             f"converted with (by {self._converted_by}): "
-            f"{'; '.join(parts[:4])}{more}. One pair serves one structure, "
+            f"{differs}. One pair serves one structure, "
             f"shapes and dtypes; convert another pair for these")
 
   def _functions_for(self, unscanned, what):
@@ -966,6 +951,28 @@ def _length(xs_spec, axis):
     raise ValueError(f"the leaves of example_xs must share their length "
                      f"along axis {axis}; got lengths {sorted(lengths)}")
   return lengths.pop()
+
+
+def leaf_differences(got, want, name: str, source: str, theirs: str) -> str:
+  """Where ``got`` differs from ``want`` (ShapeDtypeStructs) in structure,
+  shape or dtype, leaf by leaf, for an error message ("" when alike):
+  ``name`` names the tree, ``source`` the one ``want`` comes from ("the
+  converted"), ``theirs`` introduces want's value ("was")."""
+  got_leaves, want_leaves = dict(_with_paths(got)), dict(_with_paths(want))
+  parts = [f"{name}{p} is missing" for p in want_leaves
+           if p not in got_leaves]
+  parts += [f"{name}{p} is not in {source} {name}" for p in got_leaves
+            if p not in want_leaves]
+  for p, x in got_leaves.items():
+    s = want_leaves.get(p)
+    if s is not None and (_shape(x) != s.shape or _dtype(x) != s.dtype):
+      parts.append(f"{name}{p} is {_dtype(x).name}{list(_shape(x))}, "
+                   f"{theirs} {s.dtype.name}{list(s.shape)}")
+  if not parts and jax.tree.structure(got) != jax.tree.structure(want):
+    parts = [f"{name} has structure {jax.tree.structure(got)}, {theirs} "
+             f"{jax.tree.structure(want)}"]
+  more = f" (and {len(parts) - 4} more)" if len(parts) > 4 else ""
+  return "; ".join(parts[:4]) + more
 
 
 def _with_paths(tree):
