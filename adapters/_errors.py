@@ -6,7 +6,6 @@ import os
 import sysconfig
 from typing import Optional
 
-
 from scanagram import errors
 from scanagram.stepping import leaf_differences
 
