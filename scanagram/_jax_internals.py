@@ -10,6 +10,8 @@ from jax._src import source_info_util
 # re-exported
 from jax._src.lax.lax import split_p, stack_p, tile_p, unstack_p
 from jax._src.lax.slicing import scatter_sub_p
+# jax.sharding.reshard's primitive (jnp inserts it under explicit mesh axes)
+from jax._src.pjit import reshard_p
 from jax._src.interpreters.partial_eval import (convert_constvars_jaxpr,
                                                 dce_jaxpr)
 from jax.interpreters import ad, batching, mlir
@@ -50,4 +52,4 @@ def name_stack(source_info) -> str:
 
 
 __all__ = ["user_frames", "name_stack", "without_dead_code", "split_p", "stack_p",
-           "unstack_p", "tile_p", "scatter_sub_p", "ad", "batching", "mlir"]
+           "unstack_p", "tile_p", "scatter_sub_p", "reshard_p", "ad", "batching", "mlir"]

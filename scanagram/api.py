@@ -8,7 +8,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from scanagram import _jax_internals
+from scanagram import _jax_internals, placement
 from scanagram import rules  # noqa: F401  (registers the rules)
 from scanagram.errors import ScanConversionError, refusal
 from scanagram.interpreter import (Block, Conversion, ConvertedJaxpr,
@@ -54,8 +54,7 @@ class StepFunctions:
     self._first_scanned = self._scanned_args[0]
     self.param_argnums = self._params(param_argnums, n)
     leaves, self._in_tree = jax.tree.flatten(list(example_args))
-    self._in_specs = [jax.ShapeDtypeStruct(np.shape(x), dtype_of(x))
-                      for x in leaves]
+    self._in_specs = [placement.struct_of(x, dtype_of(x)) for x in leaves]
     self._leaf_axes, self._leaf_rows, self._leaf_args = [], [], []
     for i, arg in enumerate(example_args):
       for x in jax.tree.leaves(arg):
@@ -122,9 +121,8 @@ class StepFunctions:
 
   def _row_specs(self):
     """The example's leaves for one row (batch axes removed)."""
-    return [s if r is None else jax.ShapeDtypeStruct(
-        s.shape[:r] + s.shape[r + 1:], s.dtype)
-        for s, r in zip(self._in_specs, self._leaf_rows)]
+    return [s if r is None else placement.resized(s, r, None)
+            for s, r in zip(self._in_specs, self._leaf_rows)]
 
   def _convert(self):
     if self._rows:
@@ -471,8 +469,7 @@ class StepFunctions:
     """ShapeDtypeStructs of the arguments of :meth:`step` after the carry."""
     specs = []
     for s, a in zip(self._in_specs, self._leaf_axes):
-      shape = s.shape if a is None else s.shape[:a] + s.shape[a + 1:]
-      specs.append(jax.ShapeDtypeStruct(shape, s.dtype))
+      specs.append(s if a is None else placement.resized(s, a, None))
     return jax.tree.unflatten(self._in_tree, specs)
 
   def _with_empty_blocks(self, unscanned_args, batch_size):
@@ -489,11 +486,12 @@ class StepFunctions:
       row_axis = None if not self._rows else self.batch_axes[i]
 
       def empty(s, a=axis, r=row_axis):
+        s = placement.resized(s, a % len(s.shape), 0)
         shape = list(s.shape)
-        shape[a % len(shape)] = 0
-        if r is not None:
+        if r is not None:   # (the rows keep their placement)
           shape[r % len(shape)] = rows
-        return jnp.zeros(shape, s.dtype)
+        return placement.zeros(tuple(shape), s.dtype, like=s,
+                               dim_of=range(len(shape)))
       args.append(jax.tree.map(empty, examples[i]))
     return args
 

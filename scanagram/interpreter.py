@@ -29,7 +29,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from scanagram import pasts, symbolic
+from scanagram import pasts, placement, symbolic
 from scanagram.errors import ScanConversionError, refusal
 from scanagram.kinds import (UNSCANNED, WHOLE_SEQUENCE, History, Scanned,
                              is_scanned)
@@ -344,8 +344,18 @@ def bind(eqn, invals, params=None):
   params = eqn.params if params is None else params
   # a Deferred value read other than through time_block is computed whole
   invals = [full_value(x) for x in invals]
+  if _explicit(eqn, invals):
+    invals = placement.conformed([v.aval for v in eqn.invars], invals)
+    params = placement.fitted_params(eqn, params, invals)
   out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))
   return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def _explicit(eqn, invals) -> bool:
+  """Whether ``eqn`` or its operands are typed with explicit mesh axes."""
+  return any(placement.explicit_spec(x) is not None for x in
+             [v.aval for v in eqn.invars] + list(invals)
+             + [eqn.params.get("sharding"), eqn.params.get("out_sharding")])
 
 
 # rule per (primitive, kind class): None for equations on sequences and

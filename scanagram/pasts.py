@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend import core as jex_core
 
+from scanagram import placement
 from scanagram.kinds import UNSCANNED
 
 
@@ -33,9 +34,7 @@ class Past:
     """``(queue, window)``: ``window`` is the ``size`` elements before x's
     block (zeros before position 0) then the block."""
     if ctx.fresh:
-      shape = list(x.shape)
-      shape[self.axis] = self.size
-      queue = jnp.zeros(shape, x.dtype)
+      queue = placement.zeros_along(x, self.axis, self.size)
     window = lax.concatenate([queue.astype(x.dtype), x], self.axis)
     # the next block starts this many elements on, even where a fresh
     # block's x stopped short at the end of the value

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from scanagram import placement
 from scanagram.api import StepFunctions, dtype_of as _dtype, to_step
 
 __all__ = ["StepPair", "Stepper", "StepperSnapshot"]
@@ -1020,7 +1021,8 @@ def _warn_if_batch_major(example_xs, batch_axis):
 
 
 def _spec(x):
-  return jax.ShapeDtypeStruct(np.shape(x), _dtype(x))
+  """``x``'s ShapeDtypeStruct (with its explicit sharding, if any)."""
+  return placement.struct_of(x, _dtype(x))
 
 
 def _drop(shape, axis):
@@ -1036,8 +1038,7 @@ def _with_size(shape, axis, n):
 
 
 def _drop_axis(spec, axis):
-  return jax.ShapeDtypeStruct(_drop(spec.shape, axis % len(spec.shape)),
-                              spec.dtype)
+  return placement.resized(spec, axis % len(spec.shape), None)
 
 
 def _copy(tree):

@@ -158,6 +158,83 @@ def test_carry_shardings_make_init_shard_the_caches_and_steps_keep_them():
   assert out.split() == ["sharded"], out
 
 
+def test_explicit_mesh_axes_keep_their_shardings_through_the_conversion():
+  """Under explicit mesh axes (``jax.make_mesh``'s default) shardings are
+  types: the conversion traces with the example's, ``reshard`` (written by
+  the user, and inserted by ``jnp.where`` on a mask placed on the mesh)
+  converts on the scanned path and on scores, and every state -- key/value
+  buffers, rings of a sliding window, a convolution's queue, a running
+  sum -- is created with the placement of what it stores. Prefill, extend,
+  steps, carry_shardings and init all match the training mode."""
+  out = run_on_8_devices("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P, reshard
+    from scanagram import StepPair
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    assert set(mesh.explicit_axes) == {"data", "model"}, mesh
+    B, L, D, H = 4, 16, 32, 4
+
+    def attend(w, x, window=None):
+      q, k, v = (jnp.einsum("bld,dhk->bhlk", x, w[n]) for n in "qkv")
+      s = jnp.einsum("bhlk,bhmk->bhlm", q, k)
+      i = jnp.arange(L)
+      mask = i[:, None] >= i[None, :]
+      if window:
+        mask &= i[:, None] - i[None, :] < window
+      s = jnp.where(reshard(mask, P()), s, -1e9)
+      o = jnp.einsum("bhlm,bhmk->bhlk", jax.nn.softmax(s, -1), v)
+      return jnp.einsum("bhlk,hkd->bld", o, w["o"],
+                        out_sharding=P("data", None, None))
+
+    def f(w, x):
+      x = reshard(x, P("data", None, None))
+      h = x + attend(w, jnp.tanh(x))
+      h = h + attend(w, h, window=4)
+      conv = jax.lax.conv_general_dilated(
+          jnp.pad(h, ((0, 0), (2, 0), (0, 0))), w["conv"], (1,), "VALID",
+          dimension_numbers=("NWC", "WIO", "NWC"))
+      return jnp.cumsum(h, axis=1) + conv
+
+    keys = jax.random.split(jax.random.key(0), 6)
+    w = {n: jax.random.normal(keys[i], (D, H, D // H)) / 6
+         for i, n in enumerate("qkv")}
+    w["o"] = jax.random.normal(keys[3], (H, D // H, D)) / 6
+    w["conv"] = jax.random.normal(keys[5], (3, D, D)) / 6
+    x = jax.random.normal(keys[4], (B, L, D))
+    with jax.set_mesh(mesh):
+      heads = NamedSharding(mesh, P(None, "model", None))
+      placed = {n: jax.device_put(w[n], heads) for n in "qkv"}
+      placed["o"] = jax.device_put(w["o"], NamedSharding(mesh, P("model")))
+      placed["conv"] = jax.device_put(w["conv"], NamedSharding(mesh, P()))
+      rows = NamedSharding(mesh, P("data", None, None))
+      xs = jax.device_put(x, rows)
+      want = np.asarray(jax.jit(f)(placed, xs))
+      pair = StepPair(f, (placed,), xs, axis=1)
+      for p in (1, 5, L):
+        carry, out = pair.prefill(placed, xs[:, :p])
+        np.testing.assert_allclose(out, want[:, :p], atol=1e-4)
+      carry, _ = pair.prefill(placed, xs[:, :3])
+      carry, out = pair.extend(placed, carry, xs[:, 3:7])
+      np.testing.assert_allclose(out, want[:, 3:7], atol=1e-4)
+      for t in range(7, 10):
+        carry, y = pair.step(placed, carry, xs[:, t])
+        np.testing.assert_allclose(y, want[:, t], atol=1e-4)
+      shardings = pair.carry_shardings(placed, prompt_sharding=rows)
+      carry = pair.init(placed, shardings=shardings)
+      for t in range(L):
+        carry, y = pair.step(placed, carry, xs[:, t])
+        np.testing.assert_allclose(y, want[:, t], atol=1e-4)
+      caches = [a for a in jax.tree.leaves(carry) if a.ndim == 4]
+      assert len(caches) == 4, jax.tree.map(jax.typeof, carry)
+      for a in caches:   # [B@data, H@model, time, dh]: 1/8 per device
+        assert str(jax.typeof(a)).startswith("float32[4@data,4@model,"), (
+            jax.typeof(a))
+        assert a.addressable_shards[0].data.size * 8 == a.size
+      print("explicit")
+  """)
+  assert out.split() == ["explicit"], out
+
+
 def test_two_processes_under_jax_distributed():
   """Two processes on localhost (gloo collectives), parameters sharded
   across both: conversion reads no parameter, the steps match the training

@@ -133,7 +133,7 @@ def operand_future(e, i, region) -> Future:
 _KEEPS_FINITE = frozenset("""
 add sub mul neg max min abs sign tanh logistic sin cos atan erf clamp
 integer_pow convert_element_type stop_gradient copy reduce_precision name
-sharding_constraint
+sharding_constraint reshard
 """.split())
 
 # primitive name -> refinement of the default rule (see transfer): the
@@ -282,7 +282,7 @@ def _div(futures):
 
 
 @_refines("stop_gradient", "copy", "reduce_precision", "name",
-          "convert_element_type", "sharding_constraint")
+          "convert_element_type", "sharding_constraint", "reshard")
 def _identity(futures):
   """Ops that pass their operand's values on keep its record."""
   return futures[0]

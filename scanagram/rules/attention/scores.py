@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.extend.core import primitives as P
 
 from scanagram import symbolic
+from scanagram._jax_internals import reshard_p
 from scanagram.errors import ScanConversionError
 from scanagram.interpreter import bind, register, time_block
 from scanagram.kinds import TAINTED, UNSCANNED, History, is_scanned
@@ -145,7 +146,7 @@ def _band(e, i, h):
 
 
 @register(*[p for p in elementwise.ELEMENTWISE if p is not P.select_n_p],
-          kind=History)
+          P.sharding_constraint_p, reshard_p, kind=History)
 def elementwise_rule(e):
   """Elementwise ops on scores: position by position, so causal; the future
   record follows the op."""
