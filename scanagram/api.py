@@ -75,6 +75,8 @@ class StepFunctions:
       raise ValueError("the scanned inputs must share their length along the "
                        f"scanned axis; got lengths {sorted(lengths)}")
     self.length = lengths.pop()
+    if self._rows:
+      _check_rows_placement(self._in_specs)
     self._out_tree = None
     if self._rows:
       self._check_rows_independent()
@@ -642,6 +644,22 @@ class StepFunctions:
 
 
 _UNKNOWN = object()
+
+
+def _check_rows_placement(specs):
+  """Rows are converted one at a time (the step vmapped over them), which
+  JAX's explicit mesh axes cannot type: a row has no batch axis to place."""
+  for spec in specs:
+    named = placement.explicit_spec(spec)
+    if named is not None:
+      raise ValueError(
+          f"batch_axes (a position per row) with an example placed on "
+          f"explicit mesh axes ({named}): the rows are converted one at a "
+          "time, and a sharding type that splits or names the batch cannot "
+          "hold for one row. Place the examples on a mesh with automatic "
+          "axes (jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)), where "
+          "XLA partitions the rows and the caches as the inputs are placed, "
+          "or convert without batch_axes (one position for all rows)")
 
 
 def _traced(flat_fun, specs):

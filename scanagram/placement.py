@@ -14,13 +14,28 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 
 def explicit_spec(x):
-  """The explicit ``PartitionSpec`` in ``x``'s type (an array, a tracer or a
-  ShapeDtypeStruct), or None when it names no mesh axis."""
+  """The explicit part of the ``PartitionSpec`` in ``x``'s type (an array, a
+  tracer, a ShapeDtypeStruct, an aval or a sharding): its entries naming
+  automatic mesh axes left out; None when it names no explicit axis."""
   sharding = _typed_sharding(x)
-  if not isinstance(sharding, NamedSharding) or not any(
-      sharding.spec) or not _has_explicit_axes(sharding.mesh):
+  if not isinstance(sharding, NamedSharding):
     return None
-  return sharding.spec
+  explicit = set(getattr(sharding.mesh, "explicit_axes", ()))
+  if not explicit:
+    return None
+  spec = [_only(entry, explicit) for entry in sharding.spec]
+  if not any(spec):
+    return None
+  return PartitionSpec(*spec)
+
+
+def _only(entry, axes):
+  """A spec entry with the mesh axes not in ``axes`` left out."""
+  if entry is None:
+    return None
+  names = entry if isinstance(entry, tuple) else (entry,)
+  kept = tuple(a for a in names if a in axes)
+  return None if not kept else kept[0] if len(kept) == 1 else kept
 
 
 def struct_of(x, dtype):
@@ -179,9 +194,6 @@ def _typed_sharding(x):
     return None
   return getattr(aval, "sharding", None)
 
-
-def _has_explicit_axes(mesh) -> bool:
-  return bool(getattr(mesh, "explicit_axes", ()))
 
 
 def _padded(spec, ndim):

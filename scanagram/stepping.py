@@ -167,6 +167,7 @@ class StepPair:
     self._extend = jax.jit(extend)
     self._extend_donated = jax.jit(extend, donate_argnums=1)
     self._take_rows = jax.jit(_take_rows)
+    self._sharded_inits = {}   # init with out_shardings, per shardings
     generation = ("sample", "stop", "pad")
     self._generate = jax.jit(counted("generate", self._generation),
                              static_argnames=("steps",) + generation)
@@ -287,8 +288,12 @@ class StepPair:
     size = None if batch_size is None else int(batch_size)
     if shardings is None:
       return self._init(unscanned, size)
-    return jax.jit(self._init, static_argnums=1,
-                   out_shardings=shardings)(unscanned, size)
+    leaves, tree = jax.tree.flatten(shardings)
+    key = (tree, tuple(leaves))
+    if key not in self._sharded_inits:
+      self._sharded_inits[key] = jax.jit(self._init, static_argnums=1,
+                                         out_shardings=shardings)
+    return self._sharded_inits[key](unscanned, size)
 
   def carry_shardings(self, *unscanned, prompt_sharding):
     """A sharding per carry leaf (the carry's structure): where XLA places
@@ -393,12 +398,15 @@ class StepPair:
     self._check_room(_concrete_positions(carry), 1, None, "step")
     return self._step(unscanned, carry, x)
 
-  def bind(self, *args) -> "Stepper":
+  def bind(self, *args, shardings=None) -> "Stepper":
     """A :class:`Stepper` holding the unscanned arguments (made from
-    ``args`` by ``unscanned_from``) and a carry."""
+    ``args`` by ``unscanned_from``) and a carry; with ``shardings``
+    (:meth:`carry_shardings`) a reset without a prompt makes the carry with
+    them."""
     unscanned = args if self._unscanned_from is None else tuple(
         self._unscanned_from(*args))
-    return Stepper(self, *self._unscanned(unscanned, "bind"))
+    return Stepper(self, *self._unscanned(unscanned, "bind"),
+                   shardings=shardings)
 
   def take_rows(self, carry, indices):
     """The carry of rows ``indices`` of ``carry``: reorders, drops or forks
@@ -1063,7 +1071,8 @@ class Stepper:
 
   Attributes:
     pair: the StepPair; carry: the current carry; length: L;
-    max_length: the pair's (None: no limit on positions).
+    max_length: the pair's (None: no limit on positions); shardings: the
+    carry shardings a reset without a prompt makes the carry with.
     position: elements seen since the last :meth:`reset` (with per-row
       ``lengths``, by the row that has seen most); positions: per row.
 
@@ -1080,8 +1089,9 @@ class Stepper:
     5.0
   """
 
-  def __init__(self, pair: StepPair, *unscanned):
+  def __init__(self, pair: StepPair, *unscanned, shardings=None):
     self.pair = pair
+    self.shardings = shardings
     self.length = pair.length
     self.max_length = pair.max_length
     self._unscanned = list(unscanned)
@@ -1125,7 +1135,7 @@ class Stepper:
     if prompt is None:
       if lengths is not None:
         raise TypeError("reset: lengths needs a prompt")
-      self.carry = pair._init(self._unscanned, None)
+      self.carry = pair.init(*self._unscanned, shardings=self.shardings)
       self.position, self._lag = 0, None
       if pair.batch_axis is not None:
         self._rows = pair._num_rows(pair.xs_spec)

@@ -230,9 +230,76 @@ def test_explicit_mesh_axes_keep_their_shardings_through_the_conversion():
         assert str(jax.typeof(a)).startswith("float32[4@data,4@model,"), (
             jax.typeof(a))
         assert a.addressable_shards[0].data.size * 8 == a.size
+      try:    # rows are converted one at a time: refused, with what to do
+        StepPair(f, (placed,), xs, axis=1, batch_axis=0)
+      except ValueError as e:
+        assert "automatic" in str(e) and "batch_axes" in str(e), e
+      else:
+        raise AssertionError("rows under explicit axes were not refused")
       print("explicit")
   """)
   assert out.split() == ["explicit"], out
+
+
+def test_stepper_and_generate_keep_the_carry_shardings_and_donate_in_place():
+  """carry_shardings from a PartitionSpec under jax.set_mesh; a Stepper bound
+  with them starts from a sharded carry, and its steps, extend and reset
+  keep every cache's sharding, updating the caches in place (the donated
+  buffers are the ones the next carry holds; XLA would warn if it could
+  not use a donation)."""
+  out = run_on_8_devices("""
+    import os, warnings
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from scanagram import StepPair
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    B, L, D, H, V = 4, 16, 32, 4, 11
+
+    def f(w, tokens):                                  # tokens: [B, L]
+      x = w["embed"][tokens]
+      q, k, v = (jnp.einsum("bld,dhk->bhlk", x, w[n]) for n in "qkv")
+      s = jnp.einsum("bhlk,bhmk->bhlm", q, k)
+      s = jnp.where(jnp.tril(jnp.ones((L, L), bool)), s, -1e9)
+      o = jnp.einsum("bhlm,bhmk->bhlk", jax.nn.softmax(s, -1), v)
+      h = x + jnp.einsum("bhlk,hkd->bld", o, w["o"])
+      return h @ w["out"]
+    keys = jax.random.split(jax.random.key(0), 8)
+    w = {n: jax.random.normal(keys[i], (D, H, D // H)) / 6 for i, n in enumerate("qkv")}
+    w["o"] = jax.random.normal(keys[3], (H, D // H, D)) / 6
+    w["embed"] = jax.random.normal(keys[4], (V, D))
+    w["out"] = jax.random.normal(keys[5], (D, V)) / 6
+    tokens = jax.random.randint(keys[6], (B, L), 0, V)
+    want = jax.jit(f)(w, tokens)
+    heads = NamedSharding(mesh, P(None, "model", None))
+    placed = {n: jax.device_put(w[n], heads) for n in "qkv"}
+    placed["o"] = jax.device_put(w["o"], NamedSharding(mesh, P("model")))
+    for n in ("embed", "out"):
+      placed[n] = jax.device_put(w[n], NamedSharding(mesh, P()))
+    ts = jax.device_put(tokens, NamedSharding(mesh, P("data", None)))
+    pair = StepPair(f, (w,), tokens, axis=1)
+    with jax.set_mesh(mesh):
+      shardings = pair.carry_shardings(placed, prompt_sharding=P("data", None))
+    caches = lambda c: {n: a.sharding.spec for n, a in c.items() if n != "position"}
+    print(jax.tree.map(lambda s: s.spec, shardings))
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")      # a donation XLA cannot use warns
+      stepper = pair.bind(placed, shardings=shardings)
+      first = caches(stepper.carry)
+      ids = [a.addressable_shards[0].data.unsafe_buffer_pointer() for a in jax.tree.leaves(stepper.carry) if a.ndim == 4]
+      for t in range(5):
+        y = stepper(ts[:, t])
+        np.testing.assert_allclose(y, want[:, t], atol=1e-4)
+      assert caches(stepper.carry) == first, (caches(stepper.carry), first)
+      print(ids, [a.addressable_shards[0].data.unsafe_buffer_pointer() for a in jax.tree.leaves(stepper.carry) if a.ndim == 4])
+      y = stepper.extend(ts[:, 5:8])
+      np.testing.assert_allclose(y, want[:, 5:8], atol=1e-4)
+      assert caches(stepper.carry) == first
+      stepper.reset(ts[:, :4])
+      assert caches(stepper.carry) == first, caches(stepper.carry)
+      out = pair.generate(placed, ts[:, :4], 4, lambda k, y: jnp.argmax(y, -1))
+    print("kept")
+  """)
+  assert out.split()[-1] == "kept", out
 
 
 def test_two_processes_under_jax_distributed():
