@@ -7,12 +7,12 @@ from scanagram.api import StepFunctions, as_scan, as_scan_with_prefill, to_step
 from scanagram.associative import associative_scan
 from scanagram.custom import custom_scanagram
 from scanagram.errors import ScanConversionError
-from scanagram.explain import explain
+from scanagram.explain import CarryLeaf, describe_carry, explain
 from scanagram import sampling
 from scanagram.stepping import StepPair, Stepper
 
 __version__ = "0.1.0"
 __all__ = ["as_scan", "as_scan_with_prefill", "to_step", "StepFunctions",
            "ScanConversionError", "custom_scanagram", "associative_scan",
-           "explain"]
+           "explain", "describe_carry", "CarryLeaf"]
 __all__ += ["StepPair", "Stepper", "sampling"]

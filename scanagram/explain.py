@@ -9,12 +9,12 @@ equation, marked, and the refusal.
 """
 import re
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
 import numpy as np
 
-from scanagram import api
+from scanagram import _jax_internals, api
 from scanagram.errors import ScanConversionError, user_source_line
 from scanagram.kinds import UNSCANNED, WHOLE_SEQUENCE, History, Scanned
 
@@ -63,6 +63,113 @@ def explain(fun: Callable, *example_args, file=None, **options) -> str:
 
 
 # -- a conversion ---------------------------------------------------------------
+class CarryLeaf(NamedTuple):
+  """One array of a carry, described so that a sharding can be written for
+  it (:func:`describe_carry`)."""
+  path: str                  # where it is in the carry: "['12_dot_general']"
+  shape: Tuple[int, ...]
+  dtype: Any
+  holds: str                 # what it holds, in words
+  source: Optional[str]      # the user's line that made its equation
+  module: str                # the name stack there (a Haiku/Flax module path)
+  time_axis: Optional[int]   # its axis along positions (a running value
+  #                            keeps one there), None when it has none
+  batch_axes: Tuple[int, ...]  # attention's kept-apart axes (batch, heads:
+  #                              key/value heads under grouped queries)
+  rows_axis: Optional[int]   # with per-row positions (batch_axes): 0
+
+
+def describe_carry(fns) -> Dict:
+  """The carry of ``fns`` (a :class:`scanagram.StepFunctions` or
+  :class:`scanagram.StepPair`), its structure, with a :class:`CarryLeaf`
+  per array: what it holds, which equation of the user's code keeps it,
+  and its axes -- positions (``time_axis``: a buffer's length L, a ring's
+  window, a queue's delay), the axes attention keeps apart (``batch_axes``:
+  batch then heads, as the user's contraction lists them) and rows.
+
+  Example:
+    >>> import jax.numpy as jnp, scanagram
+    >>> fns = scanagram.to_step(lambda xs: jnp.cumsum(xs, 0), jnp.ones((8, 2)))
+    >>> leaf = jax.tree.leaves(describe_carry(fns),
+    ...                        is_leaf=lambda x: isinstance(x, CarryLeaf))[0]
+    >>> leaf.holds, leaf.shape, leaf.time_axis
+    ('the running sum', (1, 2), 0)
+  """
+  fns = getattr(fns, "functions", fns)
+  converted = fns._converted
+  carry = fns.carry_spec()
+  rows = None if fns.batch_axes is None else 0
+  described = {}
+  for index, (eqn, _, name) in enumerate(converted.entries):
+    for v, key, _ in converted._plan.carried_by.get(index, ()):
+      leaf = carry[key]
+      described[key] = jax.tree.map(lambda x: CarryLeaf(
+          f"[{key!r}]", tuple(x.shape), x.dtype,
+          "computed once (by init or prefill) from unscanned data",
+          user_source_line(eqn.source_info),
+          _jax_internals.name_stack(eqn.source_info), None, (), rows), leaf)
+    if name is not None and name in carry:
+      flat, tree = jax.tree_util.tree_flatten_with_path(carry[name])
+      leaves = []
+      for (path, leaf), (_, where_eqn, holds, where) in zip(
+          flat, _entries(eqn, carry[name], converted.kinds)):
+        time_axis, batch_axes = _axes((where_eqn, eqn), leaf,
+                                      converted.kinds, rows, path)
+        leaves.append(CarryLeaf(
+            f"[{name!r}]{jax.tree_util.keystr(path)}", tuple(leaf.shape),
+            leaf.dtype, holds, where,
+            _jax_internals.name_stack(where_eqn.source_info), time_axis,
+            batch_axes, rows))
+      described[name] = jax.tree.unflatten(tree, leaves)
+  described["position"] = CarryLeaf(
+      "['position']", tuple(carry["position"].shape),
+      carry["position"].dtype, "the number of elements seen", None, "",
+      None, (), rows)
+  return described
+
+
+def _axes(eqns, leaf, kinds, rows, path):
+  """``(time_axis, batch_axes)`` of a state leaf kept by ``eqns`` (the
+  equation that keeps it, then the one its entry is under): attention's
+  buffer holds its scanned operand with the contraction's batch axes first;
+  a past, ring or running value is shaped like a scanned operand but along
+  time."""
+  shift = 0 if rows is None else 1
+  shape = tuple(leaf.shape[shift:])
+  past = [int(m.group(1)) for key in path
+          for m in [_PAST.match(str(getattr(key, "key", "")))] if m]
+  for eqn in eqns:
+    operands = ([eqn.invars[past[-1]]] if past and eqn is eqns[-1]
+                else eqn.invars)
+    if eqn.primitive.name == "dot_general" and not past:
+      (_, batch) = eqn.params["dimension_numbers"]
+      for i, v in enumerate(eqn.invars):
+        kind = kinds.get(v)
+        if not isinstance(kind, Scanned):
+          continue
+        perm = list(batch[i]) + [d for d in range(v.aval.ndim)
+                                 if d not in batch[i]]
+        stored = [v.aval.shape[d] for d in perm]
+        time, kept = perm.index(kind.axis), len(batch[i])
+        # grouped-query attention buffers the keys before their repeat over
+        # heads: fewer heads (a divisor), the same layout
+        if len(shape) == len(stored) and _same_but(
+            shape[kept:], stored[kept:], time - kept) and all(
+                m % n == 0 for n, m in zip(shape[:kept], stored[:kept])):
+          return time + shift, tuple(d + shift for d in range(kept))
+    for v in operands:
+      kind = kinds.get(v)
+      if isinstance(kind, Scanned) and _same_but(shape, v.aval.shape,
+                                                 kind.axis):
+        return kind.axis + shift, ()
+  return None, ()
+
+
+def _same_but(shape, other, axis) -> bool:
+  return len(shape) == len(other) and all(
+      n == m for d, (n, m) in enumerate(zip(shape, other)) if d != axis)
+
+
 def _converted(fns: "api.StepFunctions", example_args) -> str:
   converted = fns._converted
   jaxpr = converted.jaxpr
@@ -84,8 +191,9 @@ def _converted(fns: "api.StepFunctions", example_args) -> str:
           "prefill) from unscanned data and carried",
           user_source_line(eqn.source_info)))
     if name is not None and name in carry:
-      for path, leaf, holds, where in _entries(eqn, carry[name],
-                                               converted.kinds):
+      for leaf, (path, _, holds, where) in zip(
+          jax.tree.leaves(carry[name]),
+          _entries(eqn, carry[name], converted.kinds)):
         total += _bytes(leaf)
         lines.append(_carry_line(f"carry[{name!r}]{path}", leaf, holds,
                                  where))
@@ -105,8 +213,9 @@ def _header(fns) -> str:
 
 
 def _entries(eqn, state, kinds):
-  """``(path, leaf, what it holds, source line)`` for each array in one
-  equation's state entry (a nested equation's line, else ``eqn``'s)."""
+  """``(path, equation, what it holds, source line)`` for each array in one
+  equation's state entry, in leaf order (the nested equation that keeps it
+  and its line, else ``eqn``'s)."""
   flat, _ = jax.tree_util.tree_flatten_with_path(state)
   for path, leaf in flat:
     where_eqn, holds = eqn, None
@@ -126,7 +235,7 @@ def _entries(eqn, state, kinds):
                  "(one past per value, shared by its readers)")
     where = user_source_line(where_eqn.source_info) or \
         user_source_line(eqn.source_info)
-    yield (jax.tree_util.keystr(path), leaf,
+    yield (jax.tree_util.keystr(path), where_eqn,
            holds or _holds(where_eqn, kinds if where_eqn is eqn else {}),
            where)
 
@@ -175,8 +284,9 @@ def _holds(eqn, kinds) -> str:
 
 def _past_length(leaf, operand) -> str:
   """The length along time of a past of ``operand``: where their shapes
-  differ."""
-  differ = [n for n, m in zip(leaf.shape, operand.aval.shape) if n != m]
+  differ (a leading axis of rows left out)."""
+  shape = leaf.shape[len(leaf.shape) - operand.aval.ndim:]
+  differ = [n for n, m in zip(shape, operand.aval.shape) if n != m]
   return str(differ[0]) if differ else str(operand.aval.shape[0])
 
 

@@ -107,3 +107,104 @@ def test_explain_converts_as_to_step_does():
                            out_axes=1, file=False)
   assert "scanned along 1" in text and "running sum" in text
   np.testing.assert_equal("refused" in text, False)
+
+
+def _described(fns):
+  return {leaf.path: leaf for leaf in jax.tree.leaves(
+      scanagram.describe_carry(fns),
+      is_leaf=lambda x: isinstance(x, scanagram.CarryLeaf))}
+
+
+def _mixed_model(L):
+  """Attention, a convolution, a running sum and a delay, batch-major."""
+  def f(w, x):                                  # x: [B, L, D]
+    q, k, v = (jnp.einsum("bld,dhk->bhlk", x, w[n]) for n in "qkv")
+    s = jnp.einsum("bhlk,bhmk->bhlm", q, k)
+    s = jnp.where(jnp.tril(jnp.ones((L, L), bool)), s, -1e9)
+    o = jnp.einsum("bhlm,bhmk->bhlk", jax.nn.softmax(s, -1), v)
+    h = jnp.einsum("bhlk,hkd->bld", o, w["o"])
+    conv = jax.lax.conv_general_dilated(
+        jnp.pad(h, ((0, 0), (2, 0), (0, 0))), w["c"], (1,), "VALID",
+        dimension_numbers=("NWC", "WIO", "NWC"))
+    return (jnp.cumsum(h, 1) + jnp.pad(h, ((0, 0), (1, 0), (0, 0)))[:, :-1]
+            + conv)
+  return f
+
+
+def test_describe_carry_names_each_leaf_its_source_and_axes():
+  """Every carry leaf is described: what it holds, the user's line, and
+  its axes -- the key/value buffers [B, H, L, dh] time 2, batch and heads
+  (0, 1); the convolution's ring, the running sum and the delay along time
+  1 -- and with per-row positions the same shifted by the rows axis 0."""
+  B, L, D, H = 2, 16, 8, 2
+  f = _mixed_model(L)
+  w = {n: jnp.ones((D, H, D // H)) for n in "qkv"}
+  w["o"], w["c"] = jnp.ones((H, D // H, D)), jnp.ones((3, D, D))
+  x = jnp.ones((B, L, D))
+  line = inspect.getsourcelines(_mixed_model)[1]
+  for rows in (None, 0):
+    kw = {} if rows is None else dict(batch_axes=(None, 0), out_batch_axes=0)
+    fns = scanagram.to_step(f, w, x, in_axes=(None, 1), out_axes=1, **kw)
+    leaves = _described(fns)
+    shift = 0 if rows is None else 1
+    buffers = [v for v in leaves.values() if "of attention" in v.holds
+               or "q·kᵀ" in v.holds or "weights·v" in v.holds]
+    assert len(buffers) == 2, leaves
+    for b in buffers:
+      assert b.time_axis == 2 + shift and b.shape[b.time_axis] == L
+      assert b.batch_axes == (shift, 1 + shift)
+      # (with rows, B is the rows axis; each row's own batch axis has 1)
+      assert [b.shape[a] for a in b.batch_axes] == [B if rows is None else 1,
+                                                    H]
+      assert b.rows_axis == rows
+      # the q·kᵀ line for keys, the weights·v line for values
+      at = line + (4 if "q·kᵀ" in b.holds else 6)
+      assert f"test_explain.py:{at} " in b.source, (b.holds, b.source)
+    others = {v.holds.split(",")[0]: v for v in leaves.values()
+              if v not in buffers and v.path != "['position']"}
+    assert set(others) == {"a ring of the last inputs of the convolution",
+                           "the running sum",
+                           "the last 1 elements of the value behind operand "
+                           "1"}, others
+    for leaf in others.values():
+      assert leaf.time_axis == 1 + shift, leaf
+      assert leaf.batch_axes == ()
+    carry = fns.carry_spec()
+    for leaf in leaves.values():   # the described shapes are the carry's
+      path = leaf.path
+      node = carry
+      for part in path.strip("[]").split("]["):
+        node = node[int(part) if part.isdigit() else part.strip("'")]
+      assert tuple(node.shape) == leaf.shape, (path, node.shape)
+
+
+def test_describe_carry_under_grouped_queries_and_a_recurrence():
+  """A sliding-window ring at the key/value head count is described with
+  its time and (batch, key/value heads) axes; an RNN's carry has no time
+  axis."""
+  B, L, D, H, KV, W = 2, 16, 8, 4, 2, 4
+
+  def f(w, x):
+    q = jnp.einsum("bld,dhk->bhlk", x, w["q"])
+    k, v = (jnp.repeat(jnp.einsum("bld,dhk->bhlk", x, w[n]), H // KV, 1)
+            for n in "kv")
+    s = jnp.einsum("bhlk,bhmk->bhlm", q, k)
+    i = jnp.arange(L)
+    s = jnp.where((i[:, None] >= i) & (i[:, None] - i < W), s, -1e9)
+    o = jnp.einsum("bhlm,bhmk->bhlk", jax.nn.softmax(s, -1), v)
+    h = jnp.einsum("bhlk,hkd->bld", o, w["o"])
+    _, r = jax.lax.scan(lambda c, x: (jnp.tanh(c + x),) * 2,
+                        jnp.zeros((B, D)), jnp.swapaxes(h, 0, 1))
+    return jnp.swapaxes(r, 0, 1)
+  w = {"q": jnp.ones((D, H, 2)), "k": jnp.ones((D, KV, 2)),
+       "v": jnp.ones((D, KV, 2)), "o": jnp.ones((H, 2, D))}
+  fns = scanagram.to_step(f, w, jnp.ones((B, L, D)), in_axes=(None, 1),
+                          out_axes=1)
+  leaves = _described(fns)
+  rings = [v for v in leaves.values() if "ring of the last 4" in v.holds]
+  assert len(rings) == 2, leaves
+  for ring in rings:
+    assert ring.shape == (B, KV, W, 2)
+    assert (ring.time_axis, ring.batch_axes) == (2, (0, 1))
+  (carry,) = [v for v in leaves.values() if "scan's carry" in v.holds]
+  assert carry.time_axis is None and carry.shape == (B, D)

@@ -144,6 +144,16 @@ def test_carry_shardings_make_init_shard_the_caches_and_steps_keep_them():
     carry = pair.init(placed, shardings=shardings)
     caches = [a for name, a in carry.items() if name != "position"]
     assert len(caches) == 2
+    # the description is enough to write those specs by hand
+    from scanagram import describe_carry
+    for name, leaf in describe_carry(pair).items():
+      if name == "position":
+        continue
+      spec = [None] * len(leaf.shape)
+      spec[leaf.batch_axes[0]], spec[leaf.batch_axes[1]] = "data", "model"
+      got = tuple(shardings[name].spec)
+      assert got + (None,) * (len(spec) - len(got)) == tuple(spec), (
+          leaf, got)
     for a in caches:
       assert tuple(a.sharding.spec)[:2] == ("data", "model"), a.sharding
       assert a.addressable_shards[0].data.size * 8 == a.size
