@@ -181,7 +181,7 @@ def fitted_params(eqn, params, invals):
 def _typed_sharding(x):
   if isinstance(x, NamedSharding):
     return x
-  if hasattr(x, "sharding") and type(x).__name__ == "ShapedArray":
+  if type(x).__name__ == "ShapedArray":   # (hasattr on a tracer is slow)
     return x.sharding
   if isinstance(x, jax.ShapeDtypeStruct):
     sharding = x.sharding
@@ -193,7 +193,6 @@ def _typed_sharding(x):
   except TypeError:
     return None
   return getattr(aval, "sharding", None)
-
 
 
 def _padded(spec, ndim):
