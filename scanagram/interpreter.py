@@ -756,7 +756,11 @@ class ConvertedJaxpr:
     if rule is None:
       raise self._refusal(
           eqn, f"scanagram has no rule for `{eqn.primitive.name}` applied to "
-          "a value that depends on the scanned input")
+          "a value that depends on the scanned input. If it is a kernel or a "
+          "call the conversion cannot look into, decorate the function that "
+          "makes it with @scanagram.convert_as(reference), reference being "
+          "plain JAX that computes the same; or give its step with "
+          "scanagram.custom_scanagram")
     e = Eqn(eqn, in_kinds, self.known_value, self.enclosing, self.conversion,
             self._read, self.uniform_along, self._made_from, self._is_data,
             self.once)
