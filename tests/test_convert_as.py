@@ -157,3 +157,15 @@ def test_dot_product_attention_converts_as_its_xla_implementation():
   for t in range(3, L):
     carry, y = fns.step(carry, x[:, t])
     np.testing.assert_allclose(y, want[:, t], atol=1e-5)
+
+
+def test_a_lazy_pair_converts_it_at_its_first_jitted_call(example):
+  """StepPair with num_unscanned converts inside its first jitted call: the
+  check of the kernel against its reference still runs on values."""
+  w, x = example
+  pair = scanagram.StepPair(layer(fused), None, x, axis=1, num_unscanned=1)
+  carry, out = pair.prefill(w, x[:, :3])
+  want = layer(fused)(w, x)
+  np.testing.assert_allclose(out, want[:, :3], atol=1e-5)
+  _, y = pair.step(w, carry, x[:, 3])
+  np.testing.assert_allclose(y, want[:, 3], atol=1e-5)
