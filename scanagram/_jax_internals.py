@@ -12,6 +12,11 @@ from jax._src.lax.lax import split_p, stack_p, tile_p, unstack_p
 from jax._src.lax.slicing import scatter_sub_p
 # jax.sharding.reshard's primitive (jnp inserts it under explicit mesh axes)
 from jax._src.pjit import reshard_p
+# jax.shard_map's primitive and the collectives jax.extend does not export
+from jax._src.core import pvary_p
+from jax._src.lax.parallel import (all_gather_invariant_p, pbroadcast_p,
+                                   psum_invariant_p, reduce_scatter_p)
+from jax._src.shard_map import shard_map_p
 from jax._src.interpreters.partial_eval import (convert_constvars_jaxpr,
                                                 dce_jaxpr)
 from jax.interpreters import ad, batching, mlir
@@ -52,4 +57,6 @@ def name_stack(source_info) -> str:
 
 
 __all__ = ["user_frames", "name_stack", "without_dead_code", "split_p", "stack_p",
-           "unstack_p", "tile_p", "scatter_sub_p", "reshard_p", "ad", "batching", "mlir"]
+           "unstack_p", "tile_p", "scatter_sub_p", "reshard_p", "shard_map_p",
+           "pvary_p", "psum_invariant_p", "reduce_scatter_p", "pbroadcast_p",
+           "all_gather_invariant_p", "ad", "batching", "mlir"]

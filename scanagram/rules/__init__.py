@@ -1,4 +1,4 @@
 """Rules, one module per primitive family; importing this registers them."""
 from scanagram.rules import (attention, batched, calls, control_flow, elementwise,
-                             indexing, linalg, reductions, sharding, shifts,
-                             structural)
+                             indexing, linalg, reductions, shard_map, sharding,
+                             shifts, structural)
