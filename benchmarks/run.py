@@ -52,6 +52,15 @@ JSON keys (figure name -> number):
     batch 8) / Flax's own decode=True step for the same parameters (target
     <= 0.8); generate_loop_overhead: per-token time of pair.generate with
     top_p sampling and stop tokens / the step alone (target <= 1.2).
+  sharded_step_ratio: the make-demo transformer (examples/transformer.py)
+    served on a 2x4 (data, model) mesh of 8 host devices (a fresh process
+    with --xla_force_host_platform_device_count=8), Megatron-style
+    parameters, L=256: derived step / the hand-written KV-cache step on the
+    same mesh (caches batch over data, heads over model; jitted with in/out
+    shardings, carry donated), per-token time (target <= 1.10);
+    sharded_collectives_extra: collectives in the derived step's compiled
+    HLO minus the hand-written one's (target <= 0); the counts as
+    sharded_step_collectives and sharded_handwritten_collectives.
   convert_seconds_L32768, convert_peak_mib_L32768: to_step of a 2-layer,
     4-head causal transformer (batch 8, L=32768) in a fresh process, the
     worst of four mask styles (tril, arange comparison, hk.MultiHeadAttention
@@ -108,7 +117,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanagram.adapters.haiku import to_step
-from benchmarks import baselines, encdec, flax_decode, long_context, models
+from benchmarks import (baselines, encdec, flax_decode, long_context, models,
+                        sharded)
 from benchmarks.timing import interleaved, interleaved_calls, seconds
 
 FULL = dict(
@@ -162,6 +172,8 @@ TARGETS = {
     "convert_peak_mib_L32768": ("<=", 500.0),
     "flax_step_ratio": ("<=", 0.8),
     "generate_loop_overhead": ("<=", 1.2),
+    "sharded_step_ratio": ("<=", 1.10),
+    "sharded_collectives_extra": ("<=", 0),
 }
 
 
@@ -169,7 +181,9 @@ def required_keys(config):
   """The JSON keys a run with ``config`` writes (the smoke test checks)."""
   keys = list(TARGETS) + ["torch_run_speedup",
                           "ragged_generate_ratio_same_conversion",
-                          "rows_generate_ratio_vs_uniform"]
+                          "rows_generate_ratio_vs_uniform",
+                          "sharded_step_collectives",
+                          "sharded_handwritten_collectives"]
   for n in config["depths"]:
     keys += [f"convert_seconds_{n}_layers", f"compile_step_seconds_{n}_layers",
              f"compile_forward_seconds_{n}_layers"]
@@ -797,6 +811,8 @@ def main(argv=None):
   log("flax ...")
   flax_decode.bench_flax(results,
                          flax_decode.SMOKE if config is SMOKE else None)
+  log("sharded (2x4 mesh of 8 host devices, a fresh process) ...")
+  sharded.bench_sharded(results, sharded.SMOKE if config is SMOKE else None)
   log("torch ...")
   bench_torch(config, results, pair, params, tokens)
   log("conversion ...")

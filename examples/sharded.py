@@ -8,7 +8,10 @@ derived prefill/step run on them as they are: XLA partitions them (automatic
 mesh axes). The script checks the sharded step against the unsharded
 training mode, makes the carry with `pair.carry_shardings` + `pair.init`
 (each device holds 1/8 of every key/value cache), counts the collectives in
-the compiled step and generates greedily from a batch of prompts.
+the compiled step beside those of a hand-written sharded KV-cache step
+(HandWrittenStep, which benchmarks/sharded.py times against the derived
+one), checks that both steps compute the same logits and generates
+greedily from a batch of prompts.
 
 Run: python examples/sharded.py [--smoke] [--help]
 """
@@ -28,6 +31,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import common  # noqa: E402  (puts the repository on sys.path)
 import scanagram  # noqa: E402
+from benchmarks import baselines  # noqa: E402
 from scanagram.adapters.haiku import to_step  # noqa: E402
 from transformer import make_model  # noqa: E402
 
@@ -86,6 +90,84 @@ def place(params, mesh):
       specs[f"{module}/{name}"] = spec
       placed[module][name] = jax.device_put(value, NamedSharding(mesh, spec))
   return placed, specs
+
+
+def baseline_names(params, layers: int):
+  """The example's parameters (the same arrays) under the names
+  benchmarks/models.py gives the same transformer, which the hand-written
+  step of benchmarks/baselines.py reads.
+
+  Haiku numbers repeated modules in creation order: block i has
+  ``layer_norm_{2i}``, ``multi_head_attention_{i}``, ``layer_norm_{2i+1}``
+  and ``mlp_{i}``; then come the final ``layer_norm_{2L}`` and ``linear``.
+  """
+  def numbered(name, i):
+    return name if i == 0 else f"{name}_{i}"
+
+  renamed = {"embed": params["embed"], "~": params["~"],
+             "ln_out": params[numbered("layer_norm", 2 * layers)],
+             "unembed": params["linear"]}
+  for i in range(layers):
+    renamed[f"ln_attn_{i}"] = params[numbered("layer_norm", 2 * i)]
+    renamed[f"ln_mlp_{i}"] = params[numbered("layer_norm", 2 * i + 1)]
+    for proj in ("query", "key", "value", "linear"):
+      renamed[f"attn_{i}/{proj}"] = params[
+          f"{numbered('multi_head_attention', i)}/{proj}"]
+    for j in range(2):
+      renamed[f"mlp_{i}/~/linear_{j}"] = params[
+          f"{numbered('mlp', i)}/~/linear_{j}"]
+  return renamed
+
+
+class HandWrittenStep:
+  """The hand-written KV-cache step (benchmarks/baselines.py,
+  ``TransformerCache``) served on ``mesh`` as an expert writes it: each
+  layer's key and value caches ``[B, H, L, dh]`` placed with batch over
+  `data` and heads over `model` (each device keeps the keys and values of
+  the heads its Megatron shard of q/k/v computes), the step jitted with
+  explicit in/out shardings and the carry donated.
+
+  ``step(params, carry, x)`` takes the example's parameters, like the
+  derived step; carry ``{"k": [per layer], "v": [per layer], "t": int32}``.
+  """
+
+  def __init__(self, mesh, d_model, heads, layers, length, batch):
+    self.layers = layers
+    self.cache = baselines.TransformerCache(d_model, heads, layers, length,
+                                            batch)
+    kv = NamedSharding(mesh, P("data", "model", None, None))
+    self.carry_shardings = {"k": [kv] * layers, "v": [kv] * layers,
+                            "t": NamedSharding(mesh, P())}
+    self.token_sharding = NamedSharding(mesh, P("data"))
+    self.logits_sharding = NamedSharding(mesh, P("data", None))
+    # zero caches made in place on the mesh (never whole on one device);
+    # jitted once: a retrace per call is slow, and a benchmark's untimed
+    # setup that long changes the timed step after it (benchmarks/sharded.py)
+    self._init = jax.jit(self.cache.init, out_shardings=self.carry_shardings)
+
+  def init(self, params):
+    """The carry before any token, sharded."""
+    return self._init(params)
+
+  def step(self, params, carry, x):
+    """``x: [B]`` tokens -> ``(carry, logits [B, VOCAB])``."""
+    carry, logits = self.cache.step(baseline_names(params, self.layers),
+                                    carry, x)
+    # keeps the caches where they are when the step runs inside a loop
+    # (a lax.scan), where no out_shardings pins the carry
+    return jax.lax.with_sharding_constraint(carry,
+                                            self.carry_shardings), logits
+
+  def jitted(self, params):
+    """The step jitted with in/out shardings (``params``' own), the carry
+    donated."""
+    param_shardings = jax.tree.map(lambda a: a.sharding, params)
+    return jax.jit(
+        self.step,
+        in_shardings=(param_shardings, self.carry_shardings,
+                      self.token_sharding),
+        out_shardings=(self.carry_shardings, self.logits_sharding),
+        donate_argnums=1)
 
 
 def count_collectives(hlo: str):
@@ -166,27 +248,45 @@ def main(argv=None):
     if a.ndim >= 4:                          # a key/value cache
       assert per_device * 8 == a.size, (name, a.sharding)
 
-  # -- collectives in the compiled step ---------------------------------------
+  # -- collectives in the compiled step: derived, hand-written, one device --
   x = jax.device_put(sequence[:, 0], NamedSharding(mesh, P("data")))
   step = jax.jit(pair.functions.step)
   sharded_hlo = step.lower(params_sharded, carry, x).compile().as_text()
+  hand = HandWrittenStep(mesh, args.d_model, args.heads, args.layers,
+                         args.length, args.batch)
+  hand_step = hand.jitted(params_sharded)
+  hand_carry = hand.init(params_sharded)
+  hand_hlo = hand_step.lower(params_sharded, hand_carry,
+                             x).compile().as_text()
   single = jax.devices()[0]
   params_one = jax.device_put(params, single)
   carry_one = jax.device_put(pair.init(params_one), single)
   single_hlo = step.lower(params_one, carry_one,
                           jax.device_put(sequence[:, 0], single)
                           ).compile().as_text()
-  # (A hand-written sharded KV-cache step for comparison is left out to keep
-  # the example short: the counts below show what XLA inserted on its own.)
-  sharded_ops, single_ops = (count_collectives(sharded_hlo),
-                             count_collectives(single_hlo))
-  print("collectives in the compiled derived step:")
-  print(f"  {'':<20}{'Megatron (2x4 mesh)':>22}{'single device':>16}")
+  ops = {"derived (2x4 mesh)": count_collectives(sharded_hlo),
+         "hand-written (2x4)": count_collectives(hand_hlo),
+         "single device": count_collectives(single_hlo)}
+  print("collectives in the compiled steps:")
+  print(f"  {'':<20}" + "".join(f"{side:>21}" for side in ops))
   for c in COLLECTIVES:
-    print(f"  {c:<20}{sharded_ops[c]:>22}{single_ops[c]:>16}")
-  assert sum(single_ops.values()) == 0, single_ops
+    print(f"  {c:<20}" + "".join(f"{n[c]:>21}" for n in ops.values()))
+  assert sum(ops["single device"].values()) == 0, ops
   print(f"  (Megatron needs one all-reduce per attention and per MLP: "
         f"{2 * args.layers} for {args.layers} layers; the caches stay put)")
+
+  # -- the derived step computes the hand-written step's logits ---------------
+  worst, scale = 0.0, 1.0
+  for t in range(args.length):
+    x = jax.device_put(sequence[:, t], hand.token_sharding)
+    carry, y = step(params_sharded, carry, x)
+    hand_carry, y_hand = hand_step(params_sharded, hand_carry, x)
+    worst = max(worst, float(jnp.max(jnp.abs(y - y_hand))))
+    scale = max(scale, float(jnp.max(jnp.abs(y_hand))))
+  print(f"derived vs hand-written sharded step: max |difference| = "
+        f"{worst:.2e} over {args.length} tokens (tolerance "
+        f"{1e-5 * scale:.1e}: 1e-05 of the largest logit)")
+  assert worst < 1e-5 * scale, (worst, scale)
 
   # -- generation ---------------------------------------------------------------
   prompt = jax.device_put(sequence[:, :args.prompt_length], rows)
