@@ -133,7 +133,18 @@ class StepFunctions:
                          for a, r in zip(self._leaf_axes, self._leaf_rows)]
     else:
       specs, self._time_axes = self._in_specs, self._leaf_axes
-    closed = _traced(self._flat_fun(self._rows), specs)
+    try:
+      closed = _traced(self._flat_fun(self._rows), specs)
+    except Exception as err:
+      explicit = getattr(jax.sharding.get_abstract_mesh(), "explicit_axes",
+                         ())
+      if self._rows and explicit and "shard" in str(err).lower():
+        # the user's code names a mesh axis on a batch of one row
+        raise ValueError(_rows_placement_advice(
+            f"explicit mesh axes {tuple(explicit)} in context, whose "
+            f"shardings the function could not trace on one row ({err})")
+        ) from err
+      raise
     in_kinds = [UNSCANNED if a is None else Scanned(a)
                 for a in self._time_axes]
     # the unscanned inputs that are data, not parameters: what is computed
@@ -652,14 +663,18 @@ def _check_rows_placement(specs):
   for spec in specs:
     named = placement.explicit_spec(spec)
     if named is not None:
-      raise ValueError(
-          f"batch_axes (a position per row) with an example placed on "
-          f"explicit mesh axes ({named}): the rows are converted one at a "
-          "time, and a sharding type that splits or names the batch cannot "
-          "hold for one row. Place the examples on a mesh with automatic "
-          "axes (jax.make_mesh(..., axis_types=(AxisType.Auto,) * n)), where "
-          "XLA partitions the rows and the caches as the inputs are placed, "
-          "or convert without batch_axes (one position for all rows)")
+      raise ValueError(_rows_placement_advice(
+          f"an example placed on explicit mesh axes ({named})"))
+
+
+def _rows_placement_advice(where: str) -> str:
+  return (f"batch_axes (a position per row) with {where}: the rows are "
+          "converted one at a time, and a sharding type that splits or names"
+          " the batch cannot hold for one row. Place the examples on a mesh "
+          "with automatic axes (jax.make_mesh(..., axis_types=(AxisType.Auto,"
+          ") * n)), where XLA partitions the rows and the caches as the "
+          "inputs are placed, or convert without batch_axes (one position "
+          "for all rows)")
 
 
 def _traced(flat_fun, specs):

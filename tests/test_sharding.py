@@ -246,6 +246,22 @@ def test_explicit_mesh_axes_keep_their_shardings_through_the_conversion():
         assert "automatic" in str(e) and "batch_axes" in str(e), e
       else:
         raise AssertionError("rows under explicit axes were not refused")
+      # unsharded examples under the explicit mesh: rows convert, unless the
+      # code names a mesh axis on the batch (refused with the same advice)
+      def g(w, x):
+        return jnp.cumsum(jnp.tanh(x @ w), 1)
+      W, ones = jnp.eye(3), jnp.ones((2, 6, 3))
+      rows_pair = StepPair(g, (W,), ones, axis=1, batch_axis=0)
+      _, out = rows_pair.prefill(W, ones[:, :4], lengths=[4, 2])
+      np.testing.assert_allclose(out[1, :, 0], [np.tanh(1), 2 * np.tanh(1),
+                                                0, 0], rtol=1e-6)
+      try:
+        StepPair(lambda w, x: g(w, reshard(x, P("data"))), (W,), ones,
+                 axis=1, batch_axis=0)
+      except ValueError as e:
+        assert "automatic" in str(e) and "one row" in str(e), e
+      else:
+        raise AssertionError("a sharded batch of one row was not refused")
       print("explicit")
   """)
   assert out.split() == ["explicit"], out
