@@ -50,13 +50,20 @@ def without_dead_code(jaxpr):
   return pruned
 
 
+def traced_as(source_info):
+  """A context in which traced equations get ``source_info`` (the user's
+  line and module names of the equation they are rewritten from)."""
+  return source_info_util.user_context(source_info.traceback,
+                                       name_stack=source_info.name_stack)
+
+
 def name_stack(source_info) -> str:
   """The transformation/module name stack (Haiku module names live here)."""
   stack = getattr(source_info, "name_stack", None)
   return str(stack) if stack is not None else ""
 
 
-__all__ = ["user_frames", "name_stack", "without_dead_code", "split_p", "stack_p",
+__all__ = ["user_frames", "name_stack", "traced_as", "without_dead_code", "split_p", "stack_p",
            "unstack_p", "tile_p", "scatter_sub_p", "reshard_p", "shard_map_p",
            "pvary_p", "psum_invariant_p", "reduce_scatter_p", "pbroadcast_p",
            "all_gather_invariant_p", "ad", "batching", "mlir"]

@@ -8,7 +8,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 
-from scanagram import _jax_internals, placement
+from scanagram import _jax_internals, placement, untile
 from scanagram import rules  # noqa: F401  (registers the rules)
 from scanagram.errors import ScanConversionError, refusal
 from scanagram.interpreter import (Block, Conversion, ConvertedJaxpr,
@@ -155,10 +155,25 @@ class StepFunctions:
                and arg not in self.param_argnums
                for a, r, arg in zip(self._time_axes, self._leaf_rows,
                                     self._leaf_args)]
-    def convert(conversion):
-      return ConvertedJaxpr(closed.jaxpr, closed.consts, in_kinds,
-                            conversion=conversion, in_data=in_data)
-    self._converted = convert_learning(convert, rows=self._rows)
+    def converter(closed):
+      def convert(conversion):
+        return ConvertedJaxpr(closed.jaxpr, closed.consts, in_kinds,
+                              conversion=conversion, in_data=in_data)
+      return convert
+    try:
+      self._converted = convert_learning(converter(closed), rows=self._rows)
+    except ScanConversionError as refused:
+      # block-wise (tiled) code converts over whole axes, or not at all:
+      # then the refusal of the code as written stands
+      untiled = untile.untile(closed)
+      if untiled is None:
+        raise
+      try:
+        self._converted = convert_learning(converter(untiled),
+                                           rows=self._rows)
+      except ScanConversionError:
+        raise refused from None
+      closed = untiled
     self._jaxpr = closed.jaxpr
     self._outputs = [self._output_rule(i, k, v) for i, (k, v) in
                      enumerate(zip(self._converted.out_kinds,

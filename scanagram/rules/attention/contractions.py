@@ -145,12 +145,17 @@ def weights_times_values_rule(e):
   if not is_scanned(v) or h.key_axis not in contract[hs] or v.axis not in (
       contract[vs]) or (contract[hs].index(h.key_axis) !=
                         contract[vs].index(v.axis)):
+    # perhaps k·qᵀ (a multiplicative mask proves nothing either way)
+    e.conversion.notes(ATTENTION).refused_masks.add(h.origin)
     raise e.refuse(
         "attention scores may only be contracted over their key axis with "
         "the time axis of a value sequence")
   if h.axis in contract[hs] or h.axis in batch[hs]:
+    # perhaps k·qᵀ: the rows are the keys
+    e.conversion.notes(ATTENTION).refused_masks.add(h.origin)
     raise e.refuse("it contracts the query positions of attention scores")
   if not h.future.zero:
+    e.conversion.notes(ATTENTION).refused_masks.add(h.origin)
     raise e.refuse(_why_weights_not_zero(h))
   if v.ahead < h.ahead or (h.window is not None and v.ahead != h.ahead):
     raise e.refuse("its values run behind the attention rows")

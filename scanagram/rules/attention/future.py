@@ -129,11 +129,14 @@ def operand_future(e, i, region) -> Future:
 # -- elementwise ops: one transfer table ---------------------------------------
 # ops that keep finite values finite: q·kᵀ against a zero-filled buffer
 # gives finite scores (TAINTED_FINITE), and only finite taint may be
-# multiplied away by an exact 0 (0 · inf is NaN)
+# multiplied away by an exact 0 (0 · inf is NaN). ``exp`` is among them:
+# kernel attention (``exp(q·k / sqrt(d)) * mask``, summed) assumes its
+# logits do not overflow, as the training mode does (an overflow there is
+# inf or NaN already)
 _KEEPS_FINITE = frozenset("""
 add sub mul neg max min abs sign tanh logistic sin cos atan erf clamp
 integer_pow convert_element_type stop_gradient copy reduce_precision name
-sharding_constraint reshard
+sharding_constraint reshard exp exp2
 """.split())
 
 # primitive name -> refinement of the default rule (see transfer): the

@@ -230,8 +230,9 @@ def reduce_rule(e):
   axes = [d % ndim for d in e.params["axes"]]
   name = e.primitive.name
   if h.axis in axes:
-    raise e.refuse(f"{name} reduces over the query positions of attention "
-                   "scores")
+    with _noting_refusal(e, h):   # perhaps k·qᵀ: the rows are the keys
+      raise e.refuse(f"{name} reduces over the query positions of "
+                     "attention scores")
   new_axis = h.axis - sum(d < h.axis for d in axes)
   if h.key_axis in axes:
     if h.future.tainted:

@@ -1,0 +1,687 @@
+"""Block-wise (tiled) computation rewritten over whole axes, before conversion.
+
+Memory-efficient attention tiles the time axis: ``reshape [L] -> [L / b, b]``,
+``lax.map`` over query blocks, a ``lax.scan`` over key blocks whose carry
+accumulates (a running sum of ``exp(q·k) * mask``), ``reshape`` back. The
+conversion reasons about whole time axes, so :func:`untile` first rewrites
+such a jaxpr into one that computes the same values over whole axes:
+
+* an axis split into blocks is kept merged (:class:`Split`): every operation
+  on it runs on the merged axis, whose element ``i * b + r`` is block ``i``'s
+  element ``r`` (elementwise ops, transposes, broadcasts, contractions and
+  reductions over both halves);
+* a ``scan`` without a carry (``lax.map``) becomes its body vmapped over the
+  iterations;
+* a ``scan`` whose every carry accumulates what the iteration computes
+  without reading the carry (``c + f(x)``, ``max(c, f(x))``) becomes ``f``
+  vmapped, reduced over the iterations; a reduction over a block's elements
+  followed by one over the blocks is one reduction over the merged axis
+  (:class:`Pending`).
+
+Every rewrite is an identity of the values (sums are reassociated), and
+whatever has no rule is computed as written, on the split layout restored
+by a reshape. The conversion then proves the result causal (the masks, the
+future keys contributing exactly nothing) as it does any attention.
+"""
+import dataclasses
+import math
+from typing import Any, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.extend import core as jex_core
+from jax.extend.core import primitives as P
+
+from scanagram import _jax_internals
+from scanagram.rules.elementwise import ELEMENTWISE
+
+_ELEMENTWISE = frozenset(ELEMENTWISE)
+_CALLS = {P.jit_p: "jaxpr", P.closed_call_p: "call_jaxpr",
+          P.custom_jvp_call_p: "call_jaxpr", P.custom_vjp_call_p: "call_jaxpr",
+          P.remat_p: "jaxpr"}
+_REDUCTIONS = {P.reduce_sum_p: "sum", P.reduce_max_p: "max",
+               P.reduce_min_p: "min"}
+_ACCUMULATE = {P.add_p: "sum", P.max_p: "max", P.min_p: "min"}
+_REDUCE = {"sum": P.reduce_sum_p, "max": P.reduce_max_p,
+           "min": P.reduce_min_p}
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+  """A value of ``shape`` whose axes ``outer`` and ``inner`` of each pair are
+  one axis split into blocks, held as ``merged``: the pair merged into one
+  axis where ``outer`` is, ``inner`` left out (element ``i * b + r`` is
+  block ``i``, element ``r``)."""
+  merged: Any
+  shape: Tuple[int, ...]
+  pairs: Tuple[Tuple[int, int], ...]
+
+  @property
+  def inners(self):
+    return {i for _, i in self.pairs}
+
+  def at(self, d) -> int:
+    """The merged axis of original axis ``d`` (a pair's inner axis: its
+    outer's)."""
+    for o, i in self.pairs:
+      if d == i:
+        d = o
+    return d - sum(i < d for i in self.inners)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pending:
+  """A value whose axis ``axis`` still has to be reduced by ``op``: after
+  that reduction it is ``done`` (the reduction over a block's elements was
+  taken over the merged axis). ``plain()`` computes it as written."""
+  done: Any
+  shape: Tuple[int, ...]
+  axis: int
+  op: str
+  plain: Any
+
+
+class _Changed:
+  """Whether a rewrite happened (else the conversion keeps the original)."""
+  def __init__(self):
+    self.any = False
+
+
+def untile(closed) -> Optional[Any]:
+  """``closed`` (a ClosedJaxpr) rewritten over whole axes, or None when it
+  has nothing block-wise to rewrite."""
+  changed = _Changed()
+  avals = [v.aval for v in closed.jaxpr.invars]
+
+  def run(*args):
+    outs = _eval(closed.jaxpr, closed.consts, args, changed)
+    return [plain(o) for o in outs]
+  new = jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(a.shape, a.dtype)
+                              for a in avals])
+  if not changed.any:
+    return None
+  return new.replace(jaxpr=_jax_internals.without_dead_code(new.jaxpr))
+
+
+# -- values --------------------------------------------------------------------
+def plain(x):
+  """``x`` as an array of its original shape."""
+  if isinstance(x, Pending):
+    return x.plain()
+  if not isinstance(x, Split):
+    return x
+  return _unmerge(x, x.pairs)
+
+
+def _unmerge(x: Split, pairs):
+  """``x`` with ``pairs`` split back into their two axes (a Split of the
+  rest, or an array)."""
+  m, keep = x.merged, [p for p in x.pairs if p not in pairs]
+  # split each merged axis into (blocks, elements) at its place, then move
+  # the inner axes where they belong
+  shape_now = list(m.shape)
+  order = [None] * len(m.shape)   # merged axis -> original axes
+  for d in range(len(x.shape)):
+    if d in x.inners:
+      continue
+    order[x.at(d)] = [d]
+  for o, i in pairs:
+    order[x.at(o)] = [o, i]
+  new_shape, axes = [], []
+  for a, orig in enumerate(order):
+    if len(orig) == 2:
+      new_shape += [x.shape[orig[0]], x.shape[orig[1]]]
+    else:
+      new_shape.append(shape_now[a])
+    axes += orig
+  # axes of the kept pairs' inners are not in the array: place them out
+  kept_inners = {i for _, i in keep}
+  target = [d for d in range(len(x.shape)) if d not in kept_inners]
+  m = lax.reshape(m, tuple(new_shape))
+  m = lax.transpose(m, tuple(axes.index(d) for d in target))
+  if not keep:
+    return m
+  return Split(m, x.shape, tuple(keep))
+
+
+def _merge(a, shape, pairs):
+  """The array ``a`` of ``shape`` with ``pairs`` merged as a Split holds
+  them."""
+  x = Split(None, shape, tuple(pairs))
+  target = []
+  for d in range(len(shape)):
+    if d in x.inners:
+      continue
+    inner = [i for o, i in pairs if o == d]
+    target += [d] + inner
+  a = lax.transpose(a, tuple(target))
+  merged_shape = []
+  for d in range(len(shape)):
+    if d in x.inners:
+      continue
+    inner = [i for o, i in pairs if o == d]
+    merged_shape.append(shape[d] * (shape[inner[0]] if inner else 1))
+  return Split(lax.reshape(a, tuple(merged_shape)), tuple(shape),
+               tuple(pairs))
+
+
+def _as_split(x, shape, pairs):
+  """Operand ``x`` of ``shape`` (an array, a Split or a Pending) with
+  exactly ``pairs`` merged."""
+  if isinstance(x, Pending):
+    x = x.plain()
+  if isinstance(x, Split):
+    extra = [p for p in x.pairs if p not in pairs]
+    if extra:
+      x = _unmerge(x, extra)
+  if isinstance(x, Split):
+    missing = [p for p in pairs if p not in x.pairs]
+    if all(shape[o] == shape[i] == 1 for o, i in missing):
+      # merging axes of size 1 drops the inner one
+      return Split(lax.reshape(x.merged, _merged_shape(shape, pairs)),
+                   tuple(shape), tuple(pairs))
+    x = plain(x)
+  return _merge(x, shape, pairs)
+
+
+def _wrap(merged, shape, pairs):
+  return Split(merged, tuple(shape), tuple(pairs)) if pairs else merged
+
+
+# -- the evaluator ---------------------------------------------------------------
+def _eval(jaxpr, consts, args, changed):
+  env = {}
+
+  def read(v):
+    return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+  for v, c in zip(jaxpr.constvars, consts):
+    env[v] = c
+  for v, a in zip(jaxpr.invars, args):
+    env[v] = a
+  for eqn in jaxpr.eqns:
+    ins = [read(v) for v in eqn.invars]
+    with _jax_internals.traced_as(eqn.source_info):
+      outs = _rewrite(eqn, ins, changed)
+    for v, o in zip(eqn.outvars, outs):
+      env[v] = o
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _bind(eqn, ins):
+  outs = eqn.primitive.bind(*[plain(x) for x in ins], **eqn.params)
+  return list(outs) if eqn.primitive.multiple_results else [outs]
+
+
+def _rewrite(eqn, ins, changed):
+  prim = eqn.primitive
+  if prim in _CALLS:
+    sub = eqn.params[_CALLS[prim]]
+    if isinstance(sub, jex_core.ClosedJaxpr):
+      return _eval(sub.jaxpr, sub.consts, ins, changed)
+    return _eval(sub, [], ins, changed)
+  if prim is P.scan_p:
+    outs = _scan(eqn, ins, changed)
+    if outs is not None:
+      changed.any = True
+      return outs
+    return _bind(eqn, ins)
+  if prim is P.reshape_p and eqn.params.get("dimensions") is None:
+    return _reshape(ins[0], tuple(eqn.params["new_sizes"]))
+  if not any(isinstance(x, (Split, Pending)) for x in ins):
+    return _bind(eqn, ins)
+  rule = _RULES.get(prim)
+  if prim in _ELEMENTWISE:
+    rule = _elementwise
+  out = rule(eqn, ins) if rule is not None else None
+  return _bind(eqn, ins) if out is None else out
+
+
+def _reshape(x, new_sizes):
+  """A split of one axis into two (both > 1) starts a pair; a reshape that
+  merges a pair back gives the merged axis; size-1 axes come and go; the
+  pending axis of a reduction must stay a whole axis. Anything else is
+  computed as written."""
+  new_sizes = tuple(new_sizes)
+  if isinstance(x, Pending):
+    return [_pending_reshape(x, new_sizes)]
+  shape = x.shape if isinstance(x, Split) else tuple(x.shape)
+  pairs = dict(x.pairs) if isinstance(x, Split) else {}
+  inners = set(pairs.values())
+  out_pairs, d, j = [], 0, 0
+  while d < len(shape) or j < len(new_sizes):
+    if d < len(shape) and d in pairs:
+      i, n = pairs[d], shape[d] * shape[pairs[d]]
+      if i == d + 1 and j < len(new_sizes) and new_sizes[j] == n:
+        d, j = d + 2, j + 1        # merged back
+        continue
+      if (i == d + 1 and new_sizes[j:j + 2] == (shape[d], shape[i])):
+        out_pairs.append((j, j + 1))
+        d, j = d + 2, j + 2
+        continue
+      break
+    if d < len(shape) and d in inners:
+      break
+    if d < len(shape) and j < len(new_sizes) and new_sizes[j] == shape[d]:
+      d, j = d + 1, j + 1
+    elif j < len(new_sizes) and new_sizes[j] == 1:
+      j += 1
+    elif d < len(shape) and shape[d] == 1:
+      d += 1
+    elif (d < len(shape) and j + 1 < len(new_sizes) and new_sizes[j] > 1
+          and new_sizes[j + 1] > 1
+          and new_sizes[j] * new_sizes[j + 1] == shape[d]):
+      out_pairs.append((j, j + 1))
+      d, j = d + 1, j + 2
+    else:
+      break
+  if d != len(shape) or j != len(new_sizes):
+    return [lax.reshape(plain(x), new_sizes)]
+  merged = x.merged if isinstance(x, Split) else x
+  out_pairs = tuple(out_pairs)
+  return [_wrap(lax.reshape(merged, _merged_shape(new_sizes, out_pairs)),
+                new_sizes, out_pairs)]
+
+
+def _merged_shape(shape, pairs):
+  inner_of = dict(pairs)
+  inners = set(inner_of.values())
+  return tuple(n * (shape[inner_of[d]] if d in inner_of else 1)
+               for d, n in enumerate(shape) if d not in inners)
+
+
+def _whole_axis(in_shape, axis, out_shape):
+  """The output axis that is ``axis`` of the input unchanged by a reshape,
+  or None."""
+  before = math.prod(in_shape[:axis])
+  for b in range(len(out_shape)):
+    if math.prod(out_shape[:b]) == before and out_shape[b] == in_shape[axis]:
+      return b
+  return None
+
+
+def _pending_reshape(x, new_sizes):
+  axis = _whole_axis(x.shape, x.axis, new_sizes)
+  if axis is None:
+    return lax.reshape(x.plain(), new_sizes)
+  done = x.done
+  rest = _drop(new_sizes, axis)
+  done = _reshape(done, rest)[0]
+  return Pending(done, new_sizes, axis, x.op,
+                 lambda: lax.reshape(x.plain(), new_sizes))
+
+
+# -- rules: each returns the outputs, or None to compute as written ------------
+def _transpose(eqn, ins):
+  x, = ins
+  perm = list(eqn.params["permutation"])
+  shape = tuple(x.shape[p] for p in perm)
+  if isinstance(x, Pending):
+    rest = [p - (p > x.axis) for p in perm if p != x.axis]
+    return [Pending(_transpose(_Params(permutation=rest), [x.done])[0],
+                    shape, perm.index(x.axis), x.op,
+                    lambda: lax.transpose(x.plain(), tuple(perm)))]
+  if not isinstance(x, Split):
+    return [lax.transpose(x, tuple(perm))]
+  pairs = tuple((perm.index(o), perm.index(i)) for o, i in x.pairs)
+  # the merged axes in the new order of their (non-inner) original axes
+  merged_perm = [x.at(p) for p in perm if p not in x.inners]
+  return [Split(lax.transpose(x.merged, tuple(merged_perm)), shape, pairs)]
+
+
+def _broadcast(eqn, ins):
+  x = ins[0]
+  shape = tuple(eqn.params["shape"])
+  dims = tuple(eqn.params["broadcast_dimensions"])
+  if len(ins) > 1:
+    return None
+  if isinstance(x, Pending):
+    axis = dims[x.axis]
+    if shape[axis] != x.shape[x.axis]:
+      return None
+    rest = tuple(d - (d > axis) for k, d in enumerate(dims) if k != x.axis)
+    done = _broadcast(_Params(shape=_drop(shape, axis),
+                              broadcast_dimensions=rest), [x.done])
+    if done is None:
+      return None
+    return [Pending(done[0], shape, axis, x.op,
+                    lambda: lax.broadcast_in_dim(x.plain(), shape, dims))]
+  if not isinstance(x, Split):
+    return [lax.broadcast_in_dim(x, shape, dims)]
+  pairs = tuple((dims[o], dims[i]) for o, i in x.pairs)
+  out = Split(None, shape, pairs)
+  merged_dims = tuple(out.at(dims[d]) for d in range(len(x.shape))
+                      if d not in x.inners)
+  return [Split(lax.broadcast_in_dim(x.merged, _merged_shape(shape, pairs),
+                                     merged_dims), shape, pairs)]
+
+
+def _squeeze(eqn, ins):
+  return _reshape(ins[0], tuple(eqn.outvars[0].aval.shape))
+
+
+@dataclasses.dataclass
+class _Params:
+  """What a rule reads of an equation, for a rule called on a part."""
+  params: dict
+
+  def __init__(self, **params):
+    self.params = params
+
+
+def _elementwise(eqn, ins):
+  return _pointwise(eqn.primitive, eqn.params,
+                    tuple(eqn.outvars[0].aval.shape), ins)
+
+
+def _pointwise(primitive, params, shape, ins):
+  """An elementwise op with the operands' pairs merged alike."""
+  splits = [x for x in ins if isinstance(x, Split)]
+  pairs = sorted({p for x in splits for p in x.pairs})
+  axes = [a for p in pairs for a in p]
+  if len(axes) != len(set(axes)) or any(
+      isinstance(x, Pending) for x in ins):
+    return None
+  merged = []
+  for x in ins:
+    if not isinstance(x, Split) and jnp.ndim(x) == 0 and shape:
+      merged.append(x)
+      continue
+    own = x.shape if isinstance(x, Split) else tuple(jnp.shape(x))
+    # a size-1 axis broadcasts (lax allows it): half a pair at 1 is
+    # broadcast to the pair's size first
+    half = [d for p in pairs for d in p
+            if own[d] == 1 and own[p[0] + p[1] - d] != 1]
+    if half:
+      full = tuple(shape[d] if d in half else n for d, n in enumerate(own))
+      x = _broadcast(_Params(shape=full,
+                             broadcast_dimensions=tuple(range(len(own)))),
+                     [x])[0]
+      own = full
+    merged.append(_as_split(x, own, pairs).merged)
+  # the size-1 axes broadcast explicitly, as jnp writes it (vmap leaves
+  # them implicit; the conversion's proofs read jnp's form)
+  out_merged = _merged_shape(shape, pairs)
+  merged = [m if jnp.ndim(m) == 0 or tuple(jnp.shape(m)) == out_merged else
+            lax.broadcast_in_dim(m, out_merged, tuple(range(len(out_merged))))
+            for m in merged]
+  params = {k: (None if k == "sharding" else v) for k, v in params.items()}
+  outs = primitive.bind(*merged, **params)
+  outs = outs if primitive.multiple_results else [outs]
+  return [_wrap(o, shape, pairs) for o in outs]
+
+
+def _dot_general(eqn, ins):
+  """Pairs of free axes stay pairs; a pair contracted (or batched) against
+  the same pair of the other operand is contracted (batched) merged; a pair
+  whose blocks are batched and whose elements are contracted is contracted
+  merged, the sum over the blocks left :class:`Pending`."""
+  if any(isinstance(x, Pending) for x in ins):
+    return None
+  (contract, batch) = eqn.params["dimension_numbers"]
+  shapes = [tuple(v.aval.shape) for v in eqn.invars]
+
+  def role(s, d):
+    if d in contract[s]:
+      return "c", contract[s].index(d)
+    if d in batch[s]:
+      return "b", batch[s].index(d)
+    return None
+
+  def partner(s, d):
+    r = role(s, d)
+    return None if r is None else (contract if r[0] == "c" else batch)[1 - s][
+        r[1]]
+
+  pairs = [set(x.pairs) if isinstance(x, Split) else set() for x in ins]
+  pending = None
+  for s in (0, 1):
+    for o, i in list(pairs[s]):
+      ro, ri = role(s, o), role(s, i)
+      if ro is None and ri is None:
+        continue            # free: stays a pair of the output
+      if ro is None or ri is None:
+        return None
+      if ro[0] != ri[0]:
+        if (ro[0], ri[0]) != ("b", "c"):
+          return None
+        pending = (o, i) if s == 0 else (partner(1, o), partner(1, i))
+      pairs[1 - s].add((partner(s, o), partner(s, i)))
+  for s in (0, 1):
+    axes = [a for p in pairs[s] for a in p]
+    if len(axes) != len(set(axes)):
+      return None
+  if pending is not None and sum(
+      role(0, o) != role(0, i) and role(0, o) is not None
+      and role(0, i) is not None for o, i in pairs[0]) != 1:
+    return None
+  operands = [_as_split(x, shapes[s], sorted(pairs[s]))
+              for s, x in enumerate(ins)]
+  # dimension numbers on the merged operands: a pair's inner axis goes
+  # with its outer; the pending pair's outer is contracted, not batched
+  pending_outer = [] if pending is None else [pending[0],
+                                              partner(0, pending[0])]
+
+  def merged(s, dims, skip=()):
+    x = operands[s]
+    return tuple(x.at(d) for d in dims
+                 if d not in x.inners and d not in skip)
+  m_contract = [merged(s, contract[s]) for s in (0, 1)]
+  m_batch = [merged(s, batch[s], pending_outer[s:s + 1]) for s in (0, 1)]
+  if pending is not None:
+    m_contract = [m_contract[s] + (operands[s].at(pending_outer[s]),)
+                  for s in (0, 1)]
+  params = dict(eqn.params, out_sharding=None,
+                dimension_numbers=(tuple(m_contract), tuple(m_batch)))
+  done = lax.dot_general_p.bind(operands[0].merged, operands[1].merged,
+                                **params)
+  # where each operand axis lands in the output: batch, lhs free, rhs free
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  free = [[d for d in range(len(shapes[s])) if role(s, d) is None]
+          for s in (0, 1)]
+  position = [{d: k for k, d in enumerate(batch[0])}, {}]
+  position[0].update({d: len(batch[0]) + k for k, d in enumerate(free[0])})
+  position[1].update({d: len(batch[0]) + len(free[0]) + k
+                      for k, d in enumerate(free[1])})
+  out_pairs = set()
+  for s in (0, 1):
+    for o, i in pairs[s]:
+      if o in position[s] and i in position[s]:
+        out_pairs.add((position[s][o], position[s][i]))
+  out_pairs = tuple(sorted(out_pairs))
+  if pending is None:
+    return [_wrap(done, out_shape, out_pairs)]
+  axis = position[0][pending[0]]
+  return [Pending(_wrap(done, _drop(out_shape, axis),
+                        _drop_pairs(out_pairs, axis)),
+                  out_shape, axis, "sum", lambda: _bind(eqn, ins)[0])]
+
+
+def _drop(shape, axis):
+  return tuple(n for d, n in enumerate(shape) if d != axis)
+
+
+def _drop_pairs(pairs, axis):
+  return tuple((o - (o > axis), i - (i > axis)) for o, i in pairs)
+
+
+def _reduce(eqn, ins):
+  x, = ins
+  op = _REDUCTIONS[eqn.primitive]
+  axes = tuple(eqn.params["axes"])
+  out_shape = tuple(eqn.outvars[0].aval.shape)
+  if isinstance(x, Pending):
+    if x.axis in axes and x.op == op:
+      rest = tuple(a - (a > x.axis) for a in axes if a != x.axis)
+      done = x.done
+      if rest:
+        done = _reduce_plain_or_split(done, rest, op)
+      return [done]
+    return None
+  pending = None
+  for o, i in x.pairs:
+    if (o in axes) != (i in axes):
+      if i in axes and pending is None:
+        pending = (o, i)
+      else:
+        return None
+  full = [a for a in axes if a not in x.inners]
+  if pending is not None:
+    full = [a for a in full if a != pending[0]] + [pending[0]]
+  merged_axes = tuple(sorted({x.at(a) for a in full}))
+  done = _REDUCE[op].bind(x.merged, axes=merged_axes, **_extra(eqn))
+  kept = [d for d in range(len(x.shape)) if d not in axes]
+  new = {d: k for k, d in enumerate(kept)}
+  out_pairs = tuple((new[o], new[i]) for o, i in x.pairs
+                    if o in new and i in new)
+  if pending is None:
+    return [_wrap(done, out_shape, out_pairs)]
+  axis = new[pending[0]]
+  return [Pending(_wrap(done, _drop(out_shape, axis),
+                        _drop_pairs(out_pairs, axis)),
+                  out_shape, axis, op, lambda: _bind(eqn, ins)[0])]
+
+
+def _reduce_plain_or_split(x, axes, op):
+  if isinstance(x, Split):
+    return _reduce_split(x, axes, op)
+  return _REDUCE[op].bind(x, axes=tuple(axes), out_sharding=None)
+
+
+def _reduce_split(x, axes, op):
+  if any((o in axes) != (i in axes) for o, i in x.pairs):
+    x = plain(x)
+    return _REDUCE[op].bind(x, axes=tuple(axes), out_sharding=None)
+  merged_axes = tuple(sorted({x.at(a) for a in axes if a not in x.inners}))
+  done = _REDUCE[op].bind(x.merged, axes=merged_axes, out_sharding=None)
+  kept = [d for d in range(len(x.shape)) if d not in axes]
+  new = {d: k for k, d in enumerate(kept)}
+  out_pairs = tuple((new[o], new[i]) for o, i in x.pairs if o in new)
+  return _wrap(done, tuple(x.shape[d] for d in kept), out_pairs)
+
+
+def _extra(eqn):
+  return {k: (None if k == "out_sharding" else v)
+          for k, v in eqn.params.items() if k != "axes"}
+
+
+_RULES = {
+    P.transpose_p: _transpose, P.squeeze_p: _squeeze,
+    P.broadcast_in_dim_p: _broadcast,
+    P.dot_general_p: _dot_general,
+    P.reduce_sum_p: _reduce, P.reduce_max_p: _reduce, P.reduce_min_p: _reduce,
+}
+
+
+# -- scans ---------------------------------------------------------------------
+def _scan(eqn, ins, changed):
+  """A map (no carry), or a scan whose carries only accumulate, as its body
+  vmapped over the iterations; else None."""
+  p = eqn.params
+  n_consts, n_carry = p["num_consts"], p["num_carry"]
+  body = p["jaxpr"]
+  accumulated = _accumulations(body.jaxpr, n_consts, n_carry)
+  if accumulated is None:
+    return None
+  consts = ins[:n_consts]
+  init = ins[n_consts:n_consts + n_carry]
+  xs = ins[n_consts + n_carry:]
+  if not xs:
+    return None
+  keep = [eqn_ for eqn_ in body.jaxpr.eqns if id(eqn_) not in
+          {id(a[0]) for a in accumulated}]
+  per_iteration = [a[1] for a in accumulated]
+  outs_vars = per_iteration + list(body.jaxpr.outvars[n_carry:])
+
+  def iteration(*args):
+    c, x = args[:n_consts], args[n_consts:]
+    env = {}
+
+    def read(v):
+      return v.val if isinstance(v, jex_core.Literal) else env[v]
+    for v, a in zip(body.jaxpr.constvars, body.consts):
+      env[v] = a
+    for v, a in zip(body.jaxpr.invars[:n_consts], c):
+      env[v] = a
+    for v, a in zip(body.jaxpr.invars[n_consts + n_carry:], x):
+      env[v] = a
+    for e in keep:
+      if any(isinstance(v, jex_core.Var) and v not in env for v in e.invars):
+        continue   # reads a carry: not needed by what the iteration gives
+      with _jax_internals.traced_as(e.source_info):
+        outs = e.primitive.bind(*[read(v) for v in e.invars], **e.params)
+      outs = outs if e.primitive.multiple_results else [outs]
+      for v, o in zip(e.outvars, outs):
+        env[v] = o
+    return [read(v) for v in outs_vars]
+
+  in_avals = [v.aval for v in eqn.invars]
+  const_avals = in_avals[:n_consts]
+  x_avals = in_avals[n_consts + n_carry:]
+  vmapped = jax.make_jaxpr(jax.vmap(
+      iteration, in_axes=(None,) * n_consts + (0,) * len(x_avals)))(
+          *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in const_avals],
+          *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in x_avals])
+  outs = _eval(vmapped.jaxpr, vmapped.consts, list(consts) + list(xs),
+               changed)
+  finals = []
+  for (_, _, op), start, stacked in zip(accumulated, init, outs[:n_carry]):
+    total = _reduce_over_iterations(stacked, op)
+    finals.append(_combine(op, start, total))
+  return finals + list(outs[n_carry:])
+
+
+def _reduce_over_iterations(stacked, op):
+  """``stacked`` reduced by ``op`` over its leading axis (the iterations)."""
+  if isinstance(stacked, Pending):
+    if stacked.axis == 0 and stacked.op == op:
+      return stacked.done
+    stacked = stacked.plain()
+  if isinstance(stacked, Split):
+    return _reduce_split(stacked, (0,), op)
+  return _REDUCE[op].bind(stacked, axes=(0,), out_sharding=None)
+
+
+def _combine(op, a, b):
+  primitive = {"sum": P.add_p, "max": P.max_p, "min": P.min_p}[op]
+  shape = a.shape if not isinstance(a, (Split, Pending)) else a.shape
+  out = _pointwise(primitive, {}, tuple(shape), [a, b])
+  return out[0] if out is not None else primitive.bind(plain(a), plain(b))
+
+
+def _accumulations(body, n_consts, n_carry):
+  """For each carry ``c``: ``(equation, per-iteration var, op)`` when the
+  body returns ``c + f`` (or ``max``/``min``), ``f`` reading no carry and
+  ``c`` read nowhere else; None when some carry is not that."""
+  carries = body.invars[n_consts:n_consts + n_carry]
+  producers = {id(v): e for e in body.eqns for v in e.outvars}
+  uses = {}
+  for e in body.eqns:
+    for v in e.invars:
+      if not isinstance(v, jex_core.Literal):
+        uses.setdefault(v, []).append(e)
+  found = []
+  for k, (c, out) in enumerate(zip(carries, body.outvars[:n_carry])):
+    e = producers.get(id(out))
+    if e is None or e.primitive not in _ACCUMULATE or uses.get(c) != [e]:
+      return None
+    others = [v for v in e.invars if v is not c]
+    if len(others) != 1 or c not in e.invars or any(
+        o in body.outvars[:n_carry] for o in others):
+      return None
+    found.append((e, others[0], _ACCUMULATE[e.primitive]))
+  depends = _depends_on(body, set(carries))
+  if any(isinstance(v, jex_core.Var) and v in depends
+         for v in [f[1] for f in found] + list(body.outvars[n_carry:])):
+    return None
+  return found
+
+
+def _depends_on(jaxpr, roots):
+  """The variables computed from ``roots``."""
+  seen = set(roots)
+  for e in jaxpr.eqns:
+    if any(isinstance(v, jex_core.Var) and v in seen for v in e.invars):
+      seen.update(e.outvars)
+  return seen
