@@ -171,8 +171,11 @@ class StepFunctions:
       try:
         self._converted = convert_learning(converter(untiled),
                                            rows=self._rows)
-      except ScanConversionError:
-        raise refused from None
+      except ScanConversionError as whole:
+        raise ScanConversionError(
+            f"{whole}\n(the function computes in blocks: this refusal is "
+            f"of it rewritten over whole axes; as written: {refused})"
+        ) from None
       closed = untiled
     self._jaxpr = closed.jaxpr
     self._outputs = [self._output_rule(i, k, v) for i, (k, v) in

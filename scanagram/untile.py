@@ -239,49 +239,73 @@ def _rewrite(eqn, ins, changed):
 
 
 def _reshape(x, new_sizes):
-  """A split of one axis into two (both > 1) starts a pair; a reshape that
-  merges a pair back gives the merged axis; size-1 axes come and go; the
-  pending axis of a reduction must stay a whole axis. Anything else is
-  computed as written."""
+  """A reshape on the merged layout: the axes are grouped so that each group
+  of the input and of the output has one size; a pair is merged back into
+  one axis or kept, one axis split into two (both > 1) starts a pair, other
+  groups are regrouped as written. The pending axis of a reduction must
+  stay a whole axis. Anything else is computed as written."""
   new_sizes = tuple(new_sizes)
   if isinstance(x, Pending):
     return [_pending_reshape(x, new_sizes)]
+  if isinstance(x, Split):
+    apart = [(o, i) for o, i in x.pairs if i != o + 1]
+    if apart:
+      x = _unmerge(x, apart)
   shape = x.shape if isinstance(x, Split) else tuple(x.shape)
   pairs = dict(x.pairs) if isinstance(x, Split) else {}
-  inners = set(pairs.values())
-  out_pairs, d, j = [], 0, 0
-  while d < len(shape) or j < len(new_sizes):
-    if d < len(shape) and d in pairs:
-      i, n = pairs[d], shape[d] * shape[pairs[d]]
-      if i == d + 1 and j < len(new_sizes) and new_sizes[j] == n:
-        d, j = d + 2, j + 1        # merged back
-        continue
-      if (i == d + 1 and new_sizes[j:j + 2] == (shape[d], shape[i])):
-        out_pairs.append((j, j + 1))
-        d, j = d + 2, j + 2
-        continue
-      break
-    if d < len(shape) and d in inners:
-      break
-    if d < len(shape) and j < len(new_sizes) and new_sizes[j] == shape[d]:
-      d, j = d + 1, j + 1
-    elif j < len(new_sizes) and new_sizes[j] == 1:
-      j += 1
-    elif d < len(shape) and shape[d] == 1:
-      d += 1
-    elif (d < len(shape) and j + 1 < len(new_sizes) and new_sizes[j] > 1
-          and new_sizes[j + 1] > 1
-          and new_sizes[j] * new_sizes[j + 1] == shape[d]):
-      out_pairs.append((j, j + 1))
-      d, j = d + 1, j + 2
-    else:
-      break
-  if d != len(shape) or j != len(new_sizes):
+  groups = _groups(shape, new_sizes, pairs)
+  out_pairs = []
+  # an adjacent pair is merged in the order of its axes: regrouping a
+  # group that holds it is the same reshape of the merged axis
+  for ins, outs in groups if groups is not None else ():
+    sizes = [new_sizes[j] for j in outs]
+    if len(ins) == 2 and ins[0] in pairs:
+      if len(outs) == 2 and sizes == [shape[ins[0]], shape[ins[1]]]:
+        out_pairs.append(tuple(outs))      # kept
+    elif (len(ins) == 1 and ins[0] not in pairs and len(outs) == 2
+          and min(sizes) > 1):
+      out_pairs.append(tuple(outs))        # split into blocks
+  if groups is None:
     return [lax.reshape(plain(x), new_sizes)]
   merged = x.merged if isinstance(x, Split) else x
   out_pairs = tuple(out_pairs)
   return [_wrap(lax.reshape(merged, _merged_shape(new_sizes, out_pairs)),
                 new_sizes, out_pairs)]
+
+
+def _groups(shape, new_sizes, pairs):
+  """Consecutive groups ``(input axes, output axes)`` of equal size, a
+  pair's two (adjacent) axes always in one group, or None."""
+  groups, d, j = [], 0, 0
+
+  def take_input(group):
+    nonlocal d
+    if d in pairs:
+      group += [d, d + 1]
+      d += 2
+      return shape[d - 2] * shape[d - 1]
+    group.append(d)
+    d += 1
+    return shape[d - 1]
+  while d < len(shape) or j < len(new_sizes):
+    ins, outs, a, b = [], [], 1, 1
+    one_in = d < len(shape) and shape[d] == 1
+    one_out = j < len(new_sizes) and new_sizes[j] == 1
+    if d < len(shape) and not (one_out and not one_in):
+      a = take_input(ins)
+    if j < len(new_sizes) and not (one_in and not one_out):
+      outs.append(j)
+      b, j = new_sizes[j], j + 1
+    while a != b:
+      if a < b and d < len(shape):
+        a *= take_input(ins)
+      elif b < a and j < len(new_sizes):
+        outs.append(j)
+        b, j = b * new_sizes[j], j + 1
+      else:
+        return None
+    groups.append((ins, outs))
+  return groups
 
 
 def _merged_shape(shape, pairs):
@@ -434,6 +458,27 @@ def _dot_general(eqn, ins):
     return None if r is None else (contract if r[0] == "c" else batch)[1 - s][
         r[1]]
 
+  # a pair whose two axes play different parts (heads split into groups,
+  # one batched and one free) is split back first
+  ins = list(ins)
+  for s in (0, 1):
+    if isinstance(ins[s], Split):
+      mixed = [(o, i) for o, i in ins[s].pairs
+               if (role(s, o) is None) != (role(s, i) is None) or (
+                   role(s, o) and role(s, i) and role(s, o)[0] != role(s, i)[0]
+                   and (role(s, o)[0], role(s, i)[0]) != ("b", "c"))]
+      if mixed:
+        ins[s] = _unmerge(ins[s], mixed)
+  # blocks batched and elements contracted is a sum over the blocks left
+  # pending only against the same pair of the other operand
+  for s in (0, 1):
+    if isinstance(ins[s], Split):
+      other = set(ins[1 - s].pairs) if isinstance(ins[1 - s], Split) else ()
+      lone = [(o, i) for o, i in ins[s].pairs
+              if role(s, o) and role(s, i) and role(s, o)[0] != role(s, i)[0]
+              and (partner(s, o), partner(s, i)) not in other]
+      if lone:
+        ins[s] = _unmerge(ins[s], lone)
   pairs = [set(x.pairs) if isinstance(x, Split) else set() for x in ins]
   pending = None
   for s in (0, 1):
@@ -519,10 +564,15 @@ def _reduce(eqn, ins):
         done = _reduce_plain_or_split(done, rest, op)
       return [done]
     return None
+  outer_only = [(o, i) for o, i in x.pairs if o in axes and i not in axes]
+  if outer_only:
+    x = _unmerge(x, outer_only)
+    if not isinstance(x, Split):
+      return None
   pending = None
   for o, i in x.pairs:
     if (o in axes) != (i in axes):
-      if i in axes and pending is None:
+      if pending is None:
         pending = (o, i)
       else:
         return None

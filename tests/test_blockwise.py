@@ -1,0 +1,129 @@
+"""Block-wise (tiled) attention converts with no change to the code: queries
+in blocks (``lax.map`` over a reshape of the time axis), keys and values in
+blocks (a ``lax.scan`` whose carry sums ``exp(q·k / sqrt(d)) * mask``), the
+mask a function of the query and key indices. The step is the plain
+KV-cache step (scanagram.untile rewrites the blocks over whole axes first)."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+import scanagram
+from conftest import check_refused, check_scan
+
+L, D, KV, G = 12, 4, 2, 2   # time, head size, key/value heads, group size
+H = KV * G                  # query heads
+MODEL = 8
+W = jax.random.normal(jax.random.key(5), (3, MODEL, H * D)) / 3
+
+
+def causal(i, j):
+  return i >= j
+
+
+def window(w):
+  return lambda i, j: (i >= j) & (i - j < w)
+
+
+def blockwise_attention(q, k, v, block, mask_fn):
+  """q ``[T, H, D]``, k and v ``[T, KV, D]``; the sequence padded to a
+  multiple of ``block``, padded keys masked, padded queries dropped."""
+  length, heads, d = q.shape
+  kv_heads = k.shape[1]
+  n = -(-length // block)
+  pad = n * block - length
+  if pad:
+    q, k, v = (jnp.pad(a, ((0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+  index = jnp.arange(n * block).reshape(n, block)
+  q_blocks = q.reshape(n, block, kv_heads, heads // kv_heads, d)
+  k_blocks = k.reshape(n, block, kv_heads, d)
+  v_blocks = v.reshape(n, block, kv_heads, d)
+
+  def query_block(args):
+    q_index, q_block = args
+
+    def key_block(carry, blocks):
+      normaliser, values = carry
+      k_index, k_block, v_block = blocks
+      scores = jnp.einsum("qhgd,khd->qhgk", q_block, k_block) / np.sqrt(d)
+      mask = mask_fn(q_index[:, None], k_index[None, :]) & (
+          k_index < length)[None, :]
+      weights = jnp.exp(scores) * mask[:, None, None, :]
+      return (normaliser + weights.sum(-1),
+              values + jnp.einsum("qhgk,khd->qhgd", weights, v_block)), None
+    init = (jnp.zeros((block, kv_heads, heads // kv_heads)),
+            jnp.zeros((block, kv_heads, heads // kv_heads, d)))
+    (normaliser, values), _ = lax.scan(key_block, init,
+                                       (index, k_blocks, v_blocks))
+    return values / normaliser[..., None]
+  out = lax.map(query_block, (index, q_blocks))
+  return out.reshape(n * block, heads, d)[:length]
+
+
+def plain_attention(q, k, v, mask_fn):
+  k, v = (jnp.repeat(a, H // KV, axis=1) for a in (k, v))
+  logits = jnp.einsum("thd,shd->hts", q, k) / np.sqrt(D)
+  i = jnp.arange(q.shape[0])
+  logits = jnp.where(mask_fn(i[:, None], i[None, :]), logits, -1e9)
+  return jnp.einsum("hts,shd->thd", jax.nn.softmax(logits, -1), v)
+
+
+def layer(attention):
+  def fun(x):   # x: [T, MODEL]
+    q = (x @ W[0]).reshape(-1, H, D)
+    k = (x @ W[1][:, :KV * D]).reshape(-1, KV, D)
+    v = (x @ W[2][:, :KV * D]).reshape(-1, KV, D)
+    return x + attention(q, k, v).reshape(-1, H * D) @ W[0].T
+  return fun
+
+
+XS = jax.random.normal(jax.random.key(0), (L, MODEL))
+
+
+@pytest.mark.parametrize("block", [4, 5])   # divides L, and does not
+@pytest.mark.parametrize("mask_fn", [causal, window(3)],
+                         ids=["causal", "window"])
+def test_kernel_sum_blockwise_attention_converts(block, mask_fn):
+  fun = layer(lambda q, k, v: blockwise_attention(q, k, v, block, mask_fn))
+  reference = layer(lambda q, k, v: plain_attention(q, k, v, mask_fn))
+  np.testing.assert_allclose(fun(XS), reference(XS), rtol=1e-5, atol=1e-5)
+  check_scan(fun, XS, prefill_lengths=[0, 1, 6, L])
+
+
+def test_carry_is_the_plain_kv_cache_at_kv_heads():
+  """The keys and values are buffered once each, at the key/value head
+  count, over the (padded) sequence: not per block, not per query head."""
+  fun = layer(lambda q, k, v: blockwise_attention(q, k, v, 4, causal))
+  pair = scanagram.to_step(fun, XS)
+  shapes = sorted(leaf.shape for leaf in jax.tree.leaves(pair.carry_spec()))
+  assert shapes == [(), (KV, L, D), (KV, L, D)], shapes
+  plain = scanagram.to_step(
+      layer(lambda q, k, v: plain_attention(q, k, v, causal)), XS)
+  assert sum(a.size for a in jax.tree.leaves(pair.carry_spec())) == sum(
+      a.size for a in jax.tree.leaves(plain.carry_spec()))
+
+
+def test_anti_causal_blockwise_attention_is_refused():
+  """A mask keeping the later keys (q <= k) is refused over whole axes,
+  naming the user's line and the block-wise code as written."""
+  fun = layer(lambda q, k, v: blockwise_attention(
+      q, k, v, 4, lambda i, j: i <= j))
+  message = check_refused(fun, XS, "computes in blocks")
+  assert "as written" in message
+
+
+def test_untile_keeps_values():
+  """The rewrite is an identity of the values: the untiled jaxpr computes
+  what the block-wise one does."""
+  from scanagram import untile
+  fun = layer(lambda q, k, v: blockwise_attention(q, k, v, 5, window(3)))
+  closed = jax.make_jaxpr(fun)(XS)
+  untiled = untile.untile(closed)
+  assert untiled is not None
+  assert not any(e.primitive.name == "scan" for e in untiled.jaxpr.eqns)
+  got, = jax.extend.core.jaxpr_as_fun(untiled)(XS)
+  np.testing.assert_allclose(got, fun(XS), rtol=1e-5, atol=1e-6)
+  # nothing block-wise: nothing to rewrite
+  assert untile.untile(jax.make_jaxpr(layer(
+      lambda q, k, v: plain_attention(q, k, v, causal)))(XS)) is None
