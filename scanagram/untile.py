@@ -74,7 +74,8 @@ class Split:
 class Pending:
   """A value whose axis ``axis`` still has to be reduced by ``op``: after
   that reduction it is ``done`` (the reduction over a block's elements was
-  taken over the merged axis). ``plain()`` computes it as written."""
+  taken over the merged axis). ``plain()`` computes it as written (an
+  array or a Split)."""
   done: Any
   shape: Tuple[int, ...]
   axis: int
@@ -108,7 +109,7 @@ def untile(closed) -> Optional[Any]:
 def plain(x):
   """``x`` as an array of its original shape."""
   if isinstance(x, Pending):
-    return x.plain()
+    return plain(x.plain())
   if not isinstance(x, Split):
     return x
   return _unmerge(x, x.pairs)
@@ -328,12 +329,12 @@ def _whole_axis(in_shape, axis, out_shape):
 def _pending_reshape(x, new_sizes):
   axis = _whole_axis(x.shape, x.axis, new_sizes)
   if axis is None:
-    return lax.reshape(x.plain(), new_sizes)
+    return _reshape(x.plain(), new_sizes)[0]
   done = x.done
   rest = _drop(new_sizes, axis)
   done = _reshape(done, rest)[0]
   return Pending(done, new_sizes, axis, x.op,
-                 lambda: lax.reshape(x.plain(), new_sizes))
+                 lambda: _reshape(x.plain(), new_sizes)[0])
 
 
 # -- rules: each returns the outputs, or None to compute as written ------------
@@ -345,7 +346,7 @@ def _transpose(eqn, ins):
     rest = [p - (p > x.axis) for p in perm if p != x.axis]
     return [Pending(_transpose(_Params(permutation=rest), [x.done])[0],
                     shape, perm.index(x.axis), x.op,
-                    lambda: lax.transpose(x.plain(), tuple(perm)))]
+                    lambda: _transpose(eqn, [x.plain()])[0])]
   if not isinstance(x, Split):
     return [lax.transpose(x, tuple(perm))]
   pairs = tuple((perm.index(o), perm.index(i)) for o, i in x.pairs)
@@ -370,7 +371,7 @@ def _broadcast(eqn, ins):
     if done is None:
       return None
     return [Pending(done[0], shape, axis, x.op,
-                    lambda: lax.broadcast_in_dim(x.plain(), shape, dims))]
+                    lambda: _broadcast(eqn, [x.plain()])[0])]
   if not isinstance(x, Split):
     return [lax.broadcast_in_dim(x, shape, dims)]
   pairs = tuple((dims[o], dims[i]) for o, i in x.pairs)
@@ -401,11 +402,11 @@ def _elementwise(eqn, ins):
 
 def _pointwise(primitive, params, shape, ins):
   """An elementwise op with the operands' pairs merged alike."""
+  ins = [x.plain() if isinstance(x, Pending) else x for x in ins]
   splits = [x for x in ins if isinstance(x, Split)]
   pairs = sorted({p for x in splits for p in x.pairs})
   axes = [a for p in pairs for a in p]
-  if len(axes) != len(set(axes)) or any(
-      isinstance(x, Pending) for x in ins):
+  if len(axes) != len(set(axes)):
     return None
   merged = []
   for x in ins:
@@ -436,13 +437,13 @@ def _pointwise(primitive, params, shape, ins):
   return [_wrap(o, shape, pairs) for o in outs]
 
 
-def _dot_general(eqn, ins):
+def _dot_general(eqn, ins, pend=True):
   """Pairs of free axes stay pairs; a pair contracted (or batched) against
   the same pair of the other operand is contracted (batched) merged; a pair
   whose blocks are batched and whose elements are contracted is contracted
-  merged, the sum over the blocks left :class:`Pending`."""
-  if any(isinstance(x, Pending) for x in ins):
-    return None
+  merged, the sum over the blocks left :class:`Pending` (computed as
+  written, that pair split back, when no sum over the blocks follows)."""
+  ins = [x.plain() if isinstance(x, Pending) else x for x in ins]
   (contract, batch) = eqn.params["dimension_numbers"]
   shapes = [tuple(v.aval.shape) for v in eqn.invars]
 
@@ -476,7 +477,7 @@ def _dot_general(eqn, ins):
       other = set(ins[1 - s].pairs) if isinstance(ins[1 - s], Split) else ()
       lone = [(o, i) for o, i in ins[s].pairs
               if role(s, o) and role(s, i) and role(s, o)[0] != role(s, i)[0]
-              and (partner(s, o), partner(s, i)) not in other]
+              and (not pend or (partner(s, o), partner(s, i)) not in other)]
       if lone:
         ins[s] = _unmerge(ins[s], lone)
   pairs = [set(x.pairs) if isinstance(x, Split) else set() for x in ins]
@@ -540,7 +541,13 @@ def _dot_general(eqn, ins):
   axis = position[0][pending[0]]
   return [Pending(_wrap(done, _drop(out_shape, axis),
                         _drop_pairs(out_pairs, axis)),
-                  out_shape, axis, "sum", lambda: _bind(eqn, ins)[0])]
+                  out_shape, axis, "sum",
+                  lambda: _computed(_dot_general(eqn, ins, pend=False), eqn,
+                                    ins))]
+
+
+def _computed(outs, eqn, ins):
+  return (_bind(eqn, ins) if outs is None else outs)[0]
 
 
 def _drop(shape, axis):
@@ -551,7 +558,11 @@ def _drop_pairs(pairs, axis):
   return tuple((o - (o > axis), i - (i > axis)) for o, i in pairs)
 
 
-def _reduce(eqn, ins):
+def _reduce(eqn, ins, pend=True):
+  """Over both axes of a pair: over the merged axis. Over a pair's elements
+  only: over the merged axis, the reduction over the blocks left
+  :class:`Pending` (computed as written, that pair split back, when none
+  follows). Over a pair's blocks only: that pair split back first."""
   x, = ins
   op = _REDUCTIONS[eqn.primitive]
   axes = tuple(eqn.params["axes"])
@@ -563,19 +574,24 @@ def _reduce(eqn, ins):
       if rest:
         done = _reduce_plain_or_split(done, rest, op)
       return [done]
-    return None
-  outer_only = [(o, i) for o, i in x.pairs if o in axes and i not in axes]
-  if outer_only:
-    x = _unmerge(x, outer_only)
+    x = x.plain()
+  if not isinstance(x, Split):
+    return [_REDUCE[op].bind(x, axes=axes, **_extra(eqn))]
+  split_back = [(o, i) for o, i in x.pairs
+                if (o in axes and i not in axes) or
+                (not pend and i in axes and o not in axes)]
+  if split_back:
+    x = _unmerge(x, split_back)
     if not isinstance(x, Split):
-      return None
+      return [_REDUCE[op].bind(x, axes=axes, **_extra(eqn))]
   pending = None
   for o, i in x.pairs:
     if (o in axes) != (i in axes):
       if pending is None:
         pending = (o, i)
       else:
-        return None
+        x = _unmerge(x, [(o, i)])
+        return _reduce(eqn, [x], pend=False)
   full = [a for a in axes if a not in x.inners]
   if pending is not None:
     full = [a for a in full if a != pending[0]] + [pending[0]]
@@ -590,7 +606,8 @@ def _reduce(eqn, ins):
   axis = new[pending[0]]
   return [Pending(_wrap(done, _drop(out_shape, axis),
                         _drop_pairs(out_pairs, axis)),
-                  out_shape, axis, op, lambda: _bind(eqn, ins)[0])]
+                  out_shape, axis, op,
+                  lambda: _reduce(eqn, [x], pend=False)[0])]
 
 
 def _reduce_plain_or_split(x, axes, op):
