@@ -52,6 +52,12 @@ JSON keys (figure name -> number):
     batch 8) / Flax's own decode=True step for the same parameters (target
     <= 0.8); generate_loop_overhead: per-token time of pair.generate with
     top_p sampling and stop tokens / the step alone (target <= 1.2).
+  blockwise_step_ratio: a 4-layer decoder (d=256, 4 heads, L=2048, batch
+    4) trained with block-wise attention (blocks of 128, kernel-sum form):
+    its derived step / the derived step of the same decoder written with
+    plain attention (target <= 1.05); blockwise_prefill_peak_ratio: XLA's
+    temporary bytes of its prefill of 2048 tokens / its training forward's
+    (target <= 1.2; benchmarks/blockwise.py).
   sharded_step_ratio: the make-demo transformer (examples/transformer.py)
     served on a 2x4 (data, model) mesh of 8 host devices (a fresh process
     with --xla_force_host_platform_device_count=8), Megatron-style
@@ -117,7 +123,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scanagram.adapters.haiku import to_step
-from benchmarks import (baselines, encdec, flax_decode, long_context, models,
+from benchmarks import (baselines, blockwise, encdec, flax_decode, long_context, models,
                         sharded)
 from benchmarks.timing import interleaved, interleaved_calls, seconds
 
@@ -174,6 +180,8 @@ TARGETS = {
     "generate_loop_overhead": ("<=", 1.2),
     "sharded_step_ratio": ("<=", 1.10),
     "sharded_collectives_extra": ("<=", 0),
+    "blockwise_step_ratio": ("<=", 1.05),
+    "blockwise_prefill_peak_ratio": ("<=", 1.2),
 }
 
 
@@ -808,6 +816,9 @@ def main(argv=None):
   bench_gqa(config, results)
   log("encoder-decoder ...")
   encdec.bench_encdec(results, encdec.SMOKE if config is SMOKE else None)
+  log("block-wise attention ...")
+  blockwise.bench_blockwise(
+      results, blockwise.SMOKE if config is SMOKE else None, log)
   log("flax ...")
   flax_decode.bench_flax(results,
                          flax_decode.SMOKE if config is SMOKE else None)
