@@ -33,7 +33,7 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.extend.core import primitives as P
 
-from scanagram import _jax_internals
+from scanagram import _jax_internals, accumulations, errors
 from scanagram.rules.elementwise import ELEMENTWISE
 
 _ELEMENTWISE = frozenset(ELEMENTWISE)
@@ -42,7 +42,6 @@ _CALLS = {P.jit_p: "jaxpr", P.closed_call_p: "call_jaxpr",
           P.remat_p: "jaxpr"}
 _REDUCTIONS = {P.reduce_sum_p: "sum", P.reduce_max_p: "max",
                P.reduce_min_p: "min"}
-_ACCUMULATE = {P.add_p: "sum", P.max_p: "max", P.min_p: "min"}
 _REDUCE = {"sum": P.reduce_sum_p, "max": P.reduce_max_p,
            "min": P.reduce_min_p}
 
@@ -191,7 +190,10 @@ def _wrap(merged, shape, pairs):
 
 
 # -- the evaluator ---------------------------------------------------------------
-def _eval(jaxpr, consts, args, changed):
+def _eval(jaxpr, consts, args, changed, source=None):
+  """Evaluates ``jaxpr`` on the interpreter's values; ``source``: the
+  source of the call being inlined, for equations with no line of the
+  user's (``jnp.where``'s body)."""
   env = {}
 
   def read(v):
@@ -203,8 +205,11 @@ def _eval(jaxpr, consts, args, changed):
     env[v] = a
   for eqn in jaxpr.eqns:
     ins = [read(v) for v in eqn.invars]
-    with _jax_internals.traced_as(eqn.source_info):
-      outs = _rewrite(eqn, ins, changed)
+    info = eqn.source_info
+    if source is not None and errors.user_source_line(info) is None:
+      info = source
+    with _jax_internals.traced_as(info):
+      outs = _rewrite(eqn, ins, changed, info)
     for v, o in zip(eqn.outvars, outs):
       env[v] = o
   return [read(v) for v in jaxpr.outvars]
@@ -215,13 +220,13 @@ def _bind(eqn, ins):
   return list(outs) if eqn.primitive.multiple_results else [outs]
 
 
-def _rewrite(eqn, ins, changed):
+def _rewrite(eqn, ins, changed, info):
   prim = eqn.primitive
   if prim in _CALLS:
     sub = eqn.params[_CALLS[prim]]
     if isinstance(sub, jex_core.ClosedJaxpr):
-      return _eval(sub.jaxpr, sub.consts, ins, changed)
-    return _eval(sub, [], ins, changed)
+      return _eval(sub.jaxpr, sub.consts, ins, changed, info)
+    return _eval(sub, [], ins, changed, info)
   if prim is P.scan_p:
     outs = _scan(eqn, ins, changed)
     if outs is not None:
@@ -425,12 +430,6 @@ def _pointwise(primitive, params, shape, ins):
                      [x])[0]
       own = full
     merged.append(_as_split(x, own, pairs).merged)
-  # the size-1 axes broadcast explicitly, as jnp writes it (vmap leaves
-  # them implicit; the conversion's proofs read jnp's form)
-  out_merged = _merged_shape(shape, pairs)
-  merged = [m if jnp.ndim(m) == 0 or tuple(jnp.shape(m)) == out_merged else
-            lax.broadcast_in_dim(m, out_merged, tuple(range(len(out_merged))))
-            for m in merged]
   params = {k: (None if k == "sharding" else v) for k, v in params.items()}
   outs = primitive.bind(*merged, **params)
   outs = outs if primitive.multiple_results else [outs]
@@ -643,60 +642,122 @@ _RULES = {
 
 # -- scans ---------------------------------------------------------------------
 def _scan(eqn, ins, changed):
-  """A map (no carry), or a scan whose carries only accumulate, as its body
-  vmapped over the iterations; else None."""
+  """A map (no carry), or a scan whose carries accumulate or are sums
+  rescaled by a running maximum (:mod:`scanagram.accumulations`), as its
+  body vmapped over the iterations and reduced; else None."""
   p = eqn.params
   n_consts, n_carry = p["num_consts"], p["num_carry"]
   body = p["jaxpr"]
-  accumulated = _accumulations(body.jaxpr, n_consts, n_carry)
-  if accumulated is None:
-    return None
-  consts = ins[:n_consts]
+  forms = accumulations.carry_forms(body.jaxpr, n_consts, n_carry)
+  consts = list(ins[:n_consts])
   init = ins[n_consts:n_consts + n_carry]
-  xs = ins[n_consts + n_carry:]
-  if not xs:
+  xs = list(ins[n_consts + n_carry:])
+  if forms is None or not xs:
     return None
-  keep = [eqn_ for eqn_ in body.jaxpr.eqns if id(eqn_) not in
-          {id(a[0]) for a in accumulated}]
-  per_iteration = [a[1] for a in accumulated]
-  outs_vars = per_iteration + list(body.jaxpr.outvars[n_carry:])
-
-  def iteration(*args):
-    c, x = args[:n_consts], args[n_consts:]
-    env = {}
-
-    def read(v):
-      return v.val if isinstance(v, jex_core.Literal) else env[v]
-    for v, a in zip(body.jaxpr.constvars, body.consts):
-      env[v] = a
-    for v, a in zip(body.jaxpr.invars[:n_consts], c):
-      env[v] = a
-    for v, a in zip(body.jaxpr.invars[n_consts + n_carry:], x):
-      env[v] = a
-    for e in keep:
-      if any(isinstance(v, jex_core.Var) and v not in env for v in e.invars):
-        continue   # reads a carry: not needed by what the iteration gives
-      with _jax_internals.traced_as(e.source_info):
-        outs = e.primitive.bind(*[read(v) for v in e.invars], **e.params)
-      outs = outs if e.primitive.multiple_results else [outs]
-      for v, o in zip(e.outvars, outs):
-        env[v] = o
-    return [read(v) for v in outs_vars]
-
   in_avals = [v.aval for v in eqn.invars]
+  if accumulations.check_rescaled(body, forms, n_consts, n_carry,
+                                  in_avals) is not None:
+    return None
+  rescaled = [f for f in forms if f.op == "rescaled"]
+  accumulated = [f for f in forms if f.op != "rescaled"]
+  skip = [e for f in forms for e in f.core]
+  ys = list(body.jaxpr.outvars[n_carry:])
+
+  # the accumulations and the outputs: no carry is read
+  def first(consts, xs):
+    env = _iteration_env(body, n_consts, n_carry, consts, xs, skip, {})
+    return ([accumulations.apply_chain(f.out, _read(env, f.given))
+             for f in accumulated] + [_read(env, y) for y in ys])
+  outs = _vmapped(first, consts, xs, in_avals, n_consts, n_carry, (),
+                  changed)
+  finals = {}
+  acc_outs = outs[:len(accumulated)]
+  for f, stacked in zip(accumulated, acc_outs):
+    k = forms.index(f)
+    finals[k] = _combine(f.op, init[k], _reduce_over_iterations(stacked, f.op))
+  if rescaled:
+    # every iteration at the final maxima, where the rescaling is 1
+    maxima = [f for f in forms if f.op == "max"]
+    final_maxima = [finals[forms.index(f)] for f in maxima]
+
+    def second(consts, xs, maxima_now):
+      seeds = {}
+      for f, m in zip(maxima, maxima_now):
+        view = accumulations.apply_chain(f.into, m)
+        seeds[f.view] = view
+        seeds[f.result] = view
+      env = _iteration_env(body, n_consts, n_carry, consts, xs, skip, seeds)
+      return [accumulations.apply_chain(f.out, _read(env, f.given))
+              for f in rescaled]
+    sums = _vmapped(second, consts, xs, in_avals, n_consts, n_carry,
+                    final_maxima, changed)
+    for f, stacked in zip(rescaled, sums):
+      k = forms.index(f)
+      finals[k] = _combine("sum", init[k],
+                           _reduce_over_iterations(stacked, "sum"))
+  return [finals[k] for k in range(n_carry)] + list(outs[len(accumulated):])
+
+
+def _read(env, v):
+  return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+
+def _iteration_env(body, n_consts, n_carry, consts, xs, skip, seeds):
+  """The values one iteration computes from its consts and xs (and
+  ``seeds``), the equations reading a carry left out."""
+  jaxpr = body.jaxpr
+  env = dict(zip(jaxpr.constvars, body.consts))
+  env.update(zip(jaxpr.invars[:n_consts], consts))
+  env.update(zip(jaxpr.invars[n_consts + n_carry:], xs))
+  env.update(seeds)
+  skip = {id(e) for e in skip}
+  for e in jaxpr.eqns:
+    if id(e) in skip or any(v in env for v in e.outvars) or any(
+        isinstance(v, jex_core.Var) and v not in env for v in e.invars):
+      continue
+    with _jax_internals.traced_as(e.source_info):
+      outs = e.primitive.bind(*[_read(env, v) for v in e.invars],
+                              **e.params)
+    env.update(zip(e.outvars, outs if e.primitive.multiple_results
+                   else [outs]))
+  return env
+
+
+def _vmapped(iteration, consts, xs, in_avals, n_consts, n_carry, extra,
+             changed):
+  """``iteration(consts, xs, extra)`` vmapped over the xs' leading axis,
+  traced and rewritten on the interpreter's values."""
   const_avals = in_avals[:n_consts]
   x_avals = in_avals[n_consts + n_carry:]
+  extra_avals = [_aval(x) for x in extra]
+  n_x = len(x_avals)
+
+  def flat(*args):
+    c = args[:n_consts]
+    x = args[n_consts:n_consts + n_x]
+    rest = args[n_consts + n_x:]
+    return iteration(c, x, rest) if extra_avals else iteration(c, x)
   vmapped = jax.make_jaxpr(jax.vmap(
-      iteration, in_axes=(None,) * n_consts + (0,) * len(x_avals)))(
-          *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in const_avals],
-          *[jax.ShapeDtypeStruct(a.shape, a.dtype) for a in x_avals])
-  outs = _eval(vmapped.jaxpr, vmapped.consts, list(consts) + list(xs),
-               changed)
-  finals = []
-  for (_, _, op), start, stacked in zip(accumulated, init, outs[:n_carry]):
-    total = _reduce_over_iterations(stacked, op)
-    finals.append(_combine(op, start, total))
-  return finals + list(outs[n_carry:])
+      flat, in_axes=(None,) * n_consts + (0,) * n_x +
+      (None,) * len(extra_avals)))(
+          *[jax.ShapeDtypeStruct(a.shape, a.dtype)
+            for a in list(const_avals) + list(x_avals) + extra_avals])
+  return _eval(vmapped.jaxpr, vmapped.consts,
+               list(consts) + list(xs) + list(extra), changed)
+
+
+def _aval(x):
+  if isinstance(x, (Split, Pending)):
+    return jax.ShapeDtypeStruct(x.shape, _dtype(x))
+  return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+
+def _dtype(x):
+  if isinstance(x, Pending):
+    return _dtype(x.done)
+  if isinstance(x, Split):
+    return x.merged.dtype
+  return jnp.result_type(x)
 
 
 def _reduce_over_iterations(stacked, op):
@@ -715,40 +776,3 @@ def _combine(op, a, b):
   shape = a.shape if not isinstance(a, (Split, Pending)) else a.shape
   out = _pointwise(primitive, {}, tuple(shape), [a, b])
   return out[0] if out is not None else primitive.bind(plain(a), plain(b))
-
-
-def _accumulations(body, n_consts, n_carry):
-  """For each carry ``c``: ``(equation, per-iteration var, op)`` when the
-  body returns ``c + f`` (or ``max``/``min``), ``f`` reading no carry and
-  ``c`` read nowhere else; None when some carry is not that."""
-  carries = body.invars[n_consts:n_consts + n_carry]
-  producers = {id(v): e for e in body.eqns for v in e.outvars}
-  uses = {}
-  for e in body.eqns:
-    for v in e.invars:
-      if not isinstance(v, jex_core.Literal):
-        uses.setdefault(v, []).append(e)
-  found = []
-  for k, (c, out) in enumerate(zip(carries, body.outvars[:n_carry])):
-    e = producers.get(id(out))
-    if e is None or e.primitive not in _ACCUMULATE or uses.get(c) != [e]:
-      return None
-    others = [v for v in e.invars if v is not c]
-    if len(others) != 1 or c not in e.invars or any(
-        o in body.outvars[:n_carry] for o in others):
-      return None
-    found.append((e, others[0], _ACCUMULATE[e.primitive]))
-  depends = _depends_on(body, set(carries))
-  if any(isinstance(v, jex_core.Var) and v in depends
-         for v in [f[1] for f in found] + list(body.outvars[n_carry:])):
-    return None
-  return found
-
-
-def _depends_on(jaxpr, roots):
-  """The variables computed from ``roots``."""
-  seen = set(roots)
-  for e in jaxpr.eqns:
-    if any(isinstance(v, jex_core.Var) and v in seen for v in e.invars):
-      seen.update(e.outvars)
-  return seen

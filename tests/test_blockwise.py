@@ -26,17 +26,22 @@ def window(w):
   return lambda i, j: (i >= j) & (i - j < w)
 
 
-def blockwise_attention(q, k, v, block, mask_fn):
+def blockwise_attention(q, k, v, block, mask_fn, form="kernel"):
   """q ``[T, H, D]``, k and v ``[T, KV, D]``; the sequence padded to a
-  multiple of ``block``, padded keys masked, padded queries dropped."""
+  multiple of ``block``, padded keys masked, padded queries dropped.
+  ``form``: "kernel" (running sums of ``exp(q·k / sqrt(d)) * mask``) or
+  "online" (the online softmax: a running maximum rescales the sums, -inf
+  fill, guards against a row with no key yet, as flash attention writes
+  it)."""
   length, heads, d = q.shape
   kv_heads = k.shape[1]
+  group = heads // kv_heads
   n = -(-length // block)
   pad = n * block - length
   if pad:
     q, k, v = (jnp.pad(a, ((0, pad), (0, 0), (0, 0))) for a in (q, k, v))
   index = jnp.arange(n * block).reshape(n, block)
-  q_blocks = q.reshape(n, block, kv_heads, heads // kv_heads, d)
+  q_blocks = q.reshape(n, block, kv_heads, group, d)
   k_blocks = k.reshape(n, block, kv_heads, d)
   v_blocks = v.reshape(n, block, kv_heads, d)
 
@@ -44,19 +49,31 @@ def blockwise_attention(q, k, v, block, mask_fn):
     q_index, q_block = args
 
     def key_block(carry, blocks):
-      normaliser, values = carry
       k_index, k_block, v_block = blocks
       scores = jnp.einsum("qhgd,khd->qhgk", q_block, k_block) / np.sqrt(d)
-      mask = mask_fn(q_index[:, None], k_index[None, :]) & (
-          k_index < length)[None, :]
-      weights = jnp.exp(scores) * mask[:, None, None, :]
-      return (normaliser + weights.sum(-1),
-              values + jnp.einsum("qhgk,khd->qhgd", weights, v_block)), None
-    init = (jnp.zeros((block, kv_heads, heads // kv_heads)),
-            jnp.zeros((block, kv_heads, heads // kv_heads, d)))
-    (normaliser, values), _ = lax.scan(key_block, init,
-                                       (index, k_blocks, v_blocks))
-    return values / normaliser[..., None]
+      mask = (mask_fn(q_index[:, None], k_index[None, :]) &
+              (k_index < length)[None, :])[:, None, None, :]
+      if form == "kernel":
+        normaliser, values = carry
+        weights = jnp.exp(scores) * mask
+        return (normaliser + weights.sum(-1),
+                values + jnp.einsum("qhgk,khd->qhgd", weights, v_block)), None
+      high, normaliser, values = carry
+      scores = jnp.where(mask, scores, -jnp.inf)
+      new_high = jnp.maximum(high, scores.max(-1))
+      shift = jnp.where(jnp.isfinite(new_high), new_high, 0.0)
+      rescale = jnp.where(jnp.isfinite(high), jnp.exp(high - shift), 0.0)
+      weights = jnp.exp(scores - shift[..., None])
+      return (new_high, rescale * normaliser + weights.sum(-1),
+              rescale[..., None] * values +
+              jnp.einsum("qhgk,khd->qhgd", weights, v_block)), None
+    init = (jnp.zeros((block, kv_heads, group)),
+            jnp.zeros((block, kv_heads, group, d)))
+    if form == "online":
+      init = (jnp.full((block, kv_heads, group), -jnp.inf),) + init
+    carry, _ = lax.scan(key_block, init, (index, k_blocks, v_blocks))
+    normaliser, values = carry[-2:]
+    return values / jnp.where(normaliser > 0, normaliser, 1.0)[..., None]
   out = lax.map(query_block, (index, q_blocks))
   return out.reshape(n * block, heads, d)[:length]
 
@@ -81,20 +98,23 @@ def layer(attention):
 XS = jax.random.normal(jax.random.key(0), (L, MODEL))
 
 
+@pytest.mark.parametrize("form", ["kernel", "online"])
 @pytest.mark.parametrize("block", [4, 5])   # divides L, and does not
 @pytest.mark.parametrize("mask_fn", [causal, window(3)],
                          ids=["causal", "window"])
-def test_kernel_sum_blockwise_attention_converts(block, mask_fn):
-  fun = layer(lambda q, k, v: blockwise_attention(q, k, v, block, mask_fn))
+def test_blockwise_attention_converts(form, block, mask_fn):
+  fun = layer(lambda q, k, v: blockwise_attention(q, k, v, block, mask_fn,
+                                                  form))
   reference = layer(lambda q, k, v: plain_attention(q, k, v, mask_fn))
   np.testing.assert_allclose(fun(XS), reference(XS), rtol=1e-5, atol=1e-5)
   check_scan(fun, XS, prefill_lengths=[0, 1, 6, L])
 
 
-def test_carry_is_the_plain_kv_cache_at_kv_heads():
+@pytest.mark.parametrize("form", ["kernel", "online"])
+def test_carry_is_the_plain_kv_cache_at_kv_heads(form):
   """The keys and values are buffered once each, at the key/value head
   count, over the (padded) sequence: not per block, not per query head."""
-  fun = layer(lambda q, k, v: blockwise_attention(q, k, v, 4, causal))
+  fun = layer(lambda q, k, v: blockwise_attention(q, k, v, 4, causal, form))
   pair = scanagram.to_step(fun, XS)
   shapes = sorted(leaf.shape for leaf in jax.tree.leaves(pair.carry_spec()))
   assert shapes == [(), (KV, L, D), (KV, L, D)], shapes
@@ -127,3 +147,47 @@ def test_untile_keeps_values():
   # nothing block-wise: nothing to rewrite
   assert untile.untile(jax.make_jaxpr(layer(
       lambda q, k, v: plain_attention(q, k, v, causal)))(XS)) is None
+
+
+def test_window_of_online_softmax_gets_a_ring():
+  """A window proven by the mask of the online form (-inf outside it) keeps
+  a ring of the last w keys and values, as plain attention does."""
+  fun = layer(lambda q, k, v: blockwise_attention(q, k, v, 4, window(3),
+                                                  "online"))
+  pair = scanagram.to_step(fun, XS)
+  shapes = sorted(leaf.shape for leaf in jax.tree.leaves(pair.carry_spec()))
+  assert shapes == [(), (KV, 3, D), (KV, 3, D)], shapes
+
+
+def test_running_sum_not_rescaled_by_its_maximum_is_refused():
+  """A running sum that ignores the running maximum (``g = exp(s)`` with
+  ``a = exp(m - m')``) is not an online softmax: its scan is not rewritten,
+  and the conversion refuses."""
+  def attention(q, k, v):
+    q_blocks, k_blocks = q.reshape(3, 4, H, D), k.reshape(3, 4, KV, D)
+    k_blocks = jnp.repeat(k_blocks, G, axis=2)
+    index = jnp.arange(L).reshape(3, 4)
+
+    def query_block(args):
+      q_index, q_block = args
+
+      def key_block(carry, blocks):
+        high, normaliser = carry
+        k_index, k_block = blocks
+        scores = jnp.einsum("qhd,khd->qhk", q_block, k_block)
+        scores = jnp.where((q_index[:, None] >= k_index[None, :])[:, None],
+                           scores, -jnp.inf)
+        new_high = jnp.maximum(high, scores.max(-1))
+        rescale = jnp.exp(high - new_high)
+        return (new_high, rescale * normaliser + jnp.exp(scores).sum(-1)), None
+      (_, normaliser), _ = lax.scan(
+          key_block, (jnp.full((4, H), -1e30), jnp.zeros((4, H))),
+          (index, k_blocks))
+      return normaliser
+    return lax.map(query_block, (index, q_blocks)).reshape(L, H)
+
+  def fun(x):
+    q = (x @ W[0]).reshape(-1, H, D)
+    k = (x @ W[1][:, :KV * D]).reshape(-1, KV, D)
+    return attention(q, k, None)
+  check_refused(fun, XS, "computes in blocks")

@@ -190,7 +190,12 @@ def _prove_mask(e, h, mask, cases):
                                 v == f.value)
       return out
     empty_row, window = _fill_check(shape, h, [mask] + known, fill_like)
-    if future == NEG:
+    # a row all -inf is the same in both modes (exp of it minus its
+    # maximum is NaN, or 0 where a guard shifts by 0): only a finite fill
+    # spreads weight over the future keys
+    minus_inf = len(fills) == len(picked) and all(
+        f.value == -np.inf for _, _, f in fills)
+    if future == NEG and not minus_inf:
       _refuse_empty_rows(e, empty_row)
     if not need_window:
       window = None
