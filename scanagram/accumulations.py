@@ -112,14 +112,18 @@ def _follow_into(c, uses):
 
 
 def _follow_out(new, producers, uses, outvars):
+  """The update's result before the layout equations that make the new
+  carry of it (a running maximum's result may be read elsewhere too)."""
   result, chain = new, []
   while (isinstance(result, jex_core.Var) and result in producers
          and _is_layout(producers[result])):
+    if chain and (len(uses.get(result, ())) != 1 or result in outvars):
+      break   # a value between two layout equations read elsewhere
     e = producers[result]
     chain.insert(0, e)
     result = e.invars[0]
-    if len(uses.get(result, ())) != 1 or result in outvars:
-      return new, []
+  if chain and result in outvars:
+    return new, []
   return result, chain
 
 

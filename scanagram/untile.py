@@ -177,11 +177,12 @@ def _as_split(x, shape, pairs):
       x = _unmerge(x, extra)
   if isinstance(x, Split):
     missing = [p for p in pairs if p not in x.pairs]
-    if all(shape[o] == shape[i] == 1 for o, i in missing):
-      # merging axes of size 1 drops the inner one
-      return Split(lax.reshape(x.merged, _merged_shape(shape, pairs)),
-                   tuple(shape), tuple(pairs))
-    x = plain(x)
+    if not missing:
+      return x
+    # the missing pairs merged in the merged array: the same layout
+    inner = _merge(x.merged, tuple(x.merged.shape),
+                   [(x.at(o), x.at(i)) for o, i in missing])
+    return Split(inner.merged, tuple(shape), tuple(pairs))
   return _merge(x, shape, pairs)
 
 
@@ -253,14 +254,21 @@ def _reshape(x, new_sizes):
   new_sizes = tuple(new_sizes)
   if isinstance(x, Pending):
     return [_pending_reshape(x, new_sizes)]
-  if isinstance(x, Split):
-    apart = [(o, i) for o, i in x.pairs if i != o + 1]
-    if apart:
-      x = _unmerge(x, apart)
   shape = x.shape if isinstance(x, Split) else tuple(x.shape)
-  pairs = dict(x.pairs) if isinstance(x, Split) else {}
+  pairs = {o: i for o, i in x.pairs if i == o + 1} if isinstance(
+      x, Split) else {}
   groups = _groups(shape, new_sizes, pairs)
   out_pairs = []
+  # a pair whose axes are apart (the batch between blocks and elements)
+  # stays a pair when each of its axes is an output axis unchanged
+  apart = [(o, i) for o, i in getattr(x, "pairs", ()) if o not in pairs]
+  alone = {ins[0]: outs[0] for ins, outs in groups or ()
+           if len(ins) == 1 and len(outs) == 1}
+  if any(o not in alone or i not in alone for o, i in apart):
+    x = _unmerge(x, [p for p in apart if p[0] not in alone or
+                     p[1] not in alone])
+    return _reshape(x, new_sizes)
+  out_pairs += [(alone[o], alone[i]) for o, i in apart]
   # an adjacent pair is merged in the order of its axes: regrouping a
   # group that holds it is the same reshape of the merged axis
   for ins, outs in groups if groups is not None else ():
