@@ -80,6 +80,7 @@ class StepFunctions:
     self._out_tree = None
     if self._rows:
       self._check_rows_independent()
+    self._prefill_block = None   # set when the training mode is tiled
     self._convert()
     self._jit = {}
     self._carry_spec = None
@@ -165,7 +166,7 @@ class StepFunctions:
     except ScanConversionError as refused:
       # block-wise (tiled) code converts over whole axes, or not at all:
       # then the refusal of the code as written stands
-      untiled = untile.untile(closed)
+      untiled, blocks = untile.untile(closed)
       if untiled is None:
         raise
       try:
@@ -177,6 +178,11 @@ class StepFunctions:
             f"of it rewritten over whole axes; as written: {refused})"
         ) from None
       closed = untiled
+      # the query blocks of the training mode: a block that tiles L
+      # (padded to at most one block more)
+      tiling = [b for n, b in blocks if self.length <= n * b < self.length + b
+                and n > 1]
+      self._prefill_block = min(tiling, default=None)
     self._jaxpr = closed.jaxpr
     self._outputs = [self._output_rule(i, k, v) for i, (k, v) in
                      enumerate(zip(self._converted.out_kinds,
@@ -372,13 +378,13 @@ class StepFunctions:
 
     def run(_, count, *leaves):
       if split == k:
-        return self._run_block(None, leaves, k, count)
+        return self._fresh_block(leaves, k, count)
       head = [x if a is None else lax.slice_in_dim(x, 0, split, axis=a)
               for x, a in zip(leaves, self._time_axes)]
       tail = [x if a is None else lax.slice_in_dim(x, split, k, axis=a)
               for x, a in zip(leaves, self._time_axes)]
       first = None if count is None else jnp.minimum(count, split)
-      carry, ys = self._run_block(None, head, split, first)
+      carry, ys = self._fresh_block(head, split, first)
       carry, last = self._run_block(
           carry, tail, k - split, None if count is None else count - first)
       return carry, [lax.concatenate([y, z], axis) for y, z, (axis, _) in
@@ -468,6 +474,49 @@ class StepFunctions:
     if ctx.count is not None:
       y = jnp.where(index < ctx.count, y, jnp.zeros_like(y))
     return y
+
+  def _fresh_block(self, leaves, k, count):
+    """A fresh block of k elements. When the training mode computes in
+    blocks of b queries (block-wise attention), a prompt longer than b runs
+    so too: a fresh block of its first k - b (n - 1) elements, then n - 1
+    blocks of b on the carry, so the prefill never holds more than b rows
+    of scores, as training does not."""
+    size = self._prefill_block
+    if size is None or k <= size:
+      return self._run_block(None, leaves, k, count)
+    n = -(-k // size)
+    first = k - size * (n - 1)
+
+    def part(start, stop):
+      return [x if a is None else lax.slice_in_dim(x, start, stop, axis=a)
+              for x, a in zip(leaves, self._time_axes)]
+    carry, ys = self._run_block(
+        None, part(0, first), first,
+        None if count is None else jnp.clip(count, 0, first))
+    scanned = [i for i, a in enumerate(self._time_axes) if a is not None]
+    # [..., (n - 1) * b, ...] -> [n - 1, ..., b, ...]
+    rest = [jnp.moveaxis(x.reshape(x.shape[:a] + (n - 1, size) +
+                                   x.shape[a + 1:]), a, 0)
+            for x, a in zip(part(first, k), self._time_axes) if a is not None]
+
+    def one(carry, i_xs):
+      i, xs = i_xs
+      block = list(leaves)
+      for j, x in zip(scanned, xs):
+        block[j] = x
+      c = None if count is None else jnp.clip(count - first - i * size, 0,
+                                               size)
+      if self._converted.blocks:
+        return self._run_block(carry, block, size, c)
+      return self._run_steps(carry, block, size, c)
+    carry, stacked = lax.scan(one, carry, (jnp.arange(n - 1), rest))
+    # [n - 1, ..., b, ...] -> [..., (n - 1) * b, ...] after the first ys
+    outs = []
+    for y, z, (axis, _) in zip(ys, stacked, self._outputs):
+      z = jnp.moveaxis(z, 0, axis)
+      z = z.reshape(z.shape[:axis] + ((n - 1) * size,) + z.shape[axis + 2:])
+      outs.append(lax.concatenate([y, z], axis))
+    return carry, outs
 
   def _run_steps(self, carry, leaves, k, count):
     """A block as k steps (for rules that only run blocks of one)."""

@@ -25,7 +25,7 @@ future keys contributing exactly nothing) as it does any attention.
 """
 import dataclasses
 import math
-from typing import Any, Optional, Tuple
+from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -83,14 +83,17 @@ class Pending:
 
 
 class _Changed:
-  """Whether a rewrite happened (else the conversion keeps the original)."""
+  """Whether a rewrite happened (else the conversion keeps the original),
+  and the ``(blocks, size)`` of each axis split into blocks."""
   def __init__(self):
     self.any = False
+    self.splits = set()
 
 
-def untile(closed) -> Optional[Any]:
-  """``closed`` (a ClosedJaxpr) rewritten over whole axes, or None when it
-  has nothing block-wise to rewrite."""
+def untile(closed):
+  """``(rewritten, splits)``: ``closed`` (a ClosedJaxpr) rewritten over
+  whole axes, or None when it has nothing block-wise to rewrite, and the
+  ``(blocks, size)`` of each axis it found split into blocks."""
   changed = _Changed()
   avals = [v.aval for v in closed.jaxpr.invars]
 
@@ -100,8 +103,9 @@ def untile(closed) -> Optional[Any]:
   new = jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(a.shape, a.dtype)
                               for a in avals])
   if not changed.any:
-    return None
-  return new.replace(jaxpr=_jax_internals.without_dead_code(new.jaxpr))
+    return None, ()
+  return (new.replace(jaxpr=_jax_internals.without_dead_code(new.jaxpr)),
+          tuple(sorted(changed.splits)))
 
 
 # -- values --------------------------------------------------------------------
@@ -235,7 +239,7 @@ def _rewrite(eqn, ins, changed, info):
       return outs
     return _bind(eqn, ins)
   if prim is P.reshape_p and eqn.params.get("dimensions") is None:
-    return _reshape(ins[0], tuple(eqn.params["new_sizes"]))
+    return _reshape(ins[0], tuple(eqn.params["new_sizes"]), changed.splits)
   if not any(isinstance(x, (Split, Pending)) for x in ins):
     return _bind(eqn, ins)
   rule = _RULES.get(prim)
@@ -245,7 +249,7 @@ def _rewrite(eqn, ins, changed, info):
   return _bind(eqn, ins) if out is None else out
 
 
-def _reshape(x, new_sizes):
+def _reshape(x, new_sizes, splits=None):
   """A reshape on the merged layout: the axes are grouped so that each group
   of the input and of the output has one size; a pair is merged back into
   one axis or kept, one axis split into two (both > 1) starts a pair, other
@@ -267,7 +271,7 @@ def _reshape(x, new_sizes):
   if any(o not in alone or i not in alone for o, i in apart):
     x = _unmerge(x, [p for p in apart if p[0] not in alone or
                      p[1] not in alone])
-    return _reshape(x, new_sizes)
+    return _reshape(x, new_sizes, splits)
   out_pairs += [(alone[o], alone[i]) for o, i in apart]
   # an adjacent pair is merged in the order of its axes: regrouping a
   # group that holds it is the same reshape of the merged axis
@@ -279,6 +283,8 @@ def _reshape(x, new_sizes):
     elif (len(ins) == 1 and ins[0] not in pairs and len(outs) == 2
           and min(sizes) > 1):
       out_pairs.append(tuple(outs))        # split into blocks
+      if splits is not None:
+        splits.add(tuple(sizes))
   if groups is None:
     return [lax.reshape(plain(x), new_sizes)]
   merged = x.merged if isinstance(x, Split) else x

@@ -139,14 +139,14 @@ def test_untile_keeps_values():
   from scanagram import untile
   fun = layer(lambda q, k, v: blockwise_attention(q, k, v, 5, window(3)))
   closed = jax.make_jaxpr(fun)(XS)
-  untiled = untile.untile(closed)
-  assert untiled is not None
+  untiled, splits = untile.untile(closed)
+  assert untiled is not None and (3, 5) in splits   # L = 12 padded to 15
   assert not any(e.primitive.name == "scan" for e in untiled.jaxpr.eqns)
   got, = jax.extend.core.jaxpr_as_fun(untiled)(XS)
   np.testing.assert_allclose(got, fun(XS), rtol=1e-5, atol=1e-6)
   # nothing block-wise: nothing to rewrite
   assert untile.untile(jax.make_jaxpr(layer(
-      lambda q, k, v: plain_attention(q, k, v, causal)))(XS)) is None
+      lambda q, k, v: plain_attention(q, k, v, causal)))(XS))[0] is None
 
 
 def test_window_of_online_softmax_gets_a_ring():
@@ -191,3 +191,30 @@ def test_running_sum_not_rescaled_by_its_maximum_is_refused():
     k = (x @ W[1][:, :KV * D]).reshape(-1, KV, D)
     return attention(q, k, None)
   check_refused(fun, XS, "computes in blocks")
+
+
+def _dot_shapes(jaxpr):
+  for e in jaxpr.eqns:
+    if e.primitive.name == "dot_general":
+      yield e.outvars[0].aval.shape
+    for p in e.params.values():
+      for sub in p if isinstance(p, (list, tuple)) else [p]:
+        inner = getattr(sub, "jaxpr", None)
+        if inner is not None:
+          yield from _dot_shapes(getattr(inner, "jaxpr", inner))
+
+
+@pytest.mark.parametrize("form", ["kernel", "online"])
+def test_prefill_keeps_the_query_blocks(form):
+  """A prefill of the whole prompt runs in the training mode's blocks of 4
+  queries: no product in it holds L x L scores (a plain prefill does)."""
+  fun = layer(lambda q, k, v: blockwise_attention(q, k, v, 4, causal, form))
+  pair = scanagram.to_step(fun, XS)
+  shapes = list(_dot_shapes(jax.make_jaxpr(pair.prefill)(XS).jaxpr))
+  assert shapes and not any(s.count(L) >= 2 for s in shapes), shapes
+  plain = scanagram.to_step(
+      layer(lambda q, k, v: plain_attention(q, k, v, causal)), XS)
+  assert any(s.count(L) >= 2 for s in _dot_shapes(
+      jax.make_jaxpr(plain.prefill)(XS).jaxpr))
+  _, ys = pair.prefill(XS)
+  np.testing.assert_allclose(ys, fun(XS), rtol=1e-5, atol=1e-5)

@@ -152,8 +152,18 @@ class Case:
                         self.fun(*self.row_args(b), padded[None]))
 
 
+def blockwise_online(xs):
+  """Block-wise attention (blocks of 3 over L = 8, padded to 9; the online
+  softmax): its prefill of a long prompt runs in blocks of 3."""
+  from test_blockwise import blockwise_attention
+  return jax.vmap(lambda x: blockwise_attention(
+      x[:, None], x[:, None], jnp.tanh(x)[:, None], 3,
+      lambda i, j: i >= j, "online")[:, 0])(xs)
+
+
 CASES = {
     "attention_full": Case(attention(), bounded=True),
+    "attention_blockwise": Case(blockwise_online, bounded=True),
     "attention_full_inf": Case(attention(fill=-jnp.inf)),
     "attention_window_3": Case(attention(window(3))),
     "attention_position_table": Case(attention_with_position_table,
