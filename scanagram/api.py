@@ -166,7 +166,11 @@ class StepFunctions:
     except ScanConversionError as refused:
       # block-wise (tiled) code converts over whole axes, or not at all:
       # then the refusal of the code as written stands
-      untiled, blocks = untile.untile(closed)
+      untiled, blocks, why = untile.untile(closed)
+      if untiled is None and why:
+        raise ScanConversionError(
+            f"{refused}\n(the function computes in blocks and was not "
+            f"rewritten over whole axes: {'; '.join(why)})") from None
       if untiled is None:
         raise
       try:

@@ -29,11 +29,12 @@ from typing import Any, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jex_core
 from jax.extend.core import primitives as P
 
-from scanagram import _jax_internals, accumulations, errors
+from scanagram import _jax_internals, accumulations, errors, skipping
 from scanagram.rules.elementwise import ELEMENTWISE
 
 _ELEMENTWISE = frozenset(ELEMENTWISE)
@@ -88,12 +89,14 @@ class _Changed:
   def __init__(self):
     self.any = False
     self.splits = set()
+    self.why = []   # why a block-wise part was not rewritten
 
 
 def untile(closed):
-  """``(rewritten, splits)``: ``closed`` (a ClosedJaxpr) rewritten over
-  whole axes, or None when it has nothing block-wise to rewrite, and the
-  ``(blocks, size)`` of each axis it found split into blocks."""
+  """``(rewritten, splits, why)``: ``closed`` (a ClosedJaxpr) rewritten
+  over whole axes, or None when it has nothing block-wise to rewrite; the
+  ``(blocks, size)`` of each axis it found split into blocks; why parts
+  were left as written."""
   changed = _Changed()
   avals = [v.aval for v in closed.jaxpr.invars]
 
@@ -103,9 +106,9 @@ def untile(closed):
   new = jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(a.shape, a.dtype)
                               for a in avals])
   if not changed.any:
-    return None, ()
+    return None, (), tuple(changed.why)
   return (new.replace(jaxpr=_jax_internals.without_dead_code(new.jaxpr)),
-          tuple(sorted(changed.splits)))
+          tuple(sorted(changed.splits)), tuple(changed.why))
 
 
 # -- values --------------------------------------------------------------------
@@ -195,28 +198,50 @@ def _wrap(merged, shape, pairs):
 
 
 # -- the evaluator ---------------------------------------------------------------
-def _eval(jaxpr, consts, args, changed, source=None):
+# values known at conversion time (index arithmetic on iota) are also
+# computed concretely when at most this big: a loop's bounds per block
+_KNOWN_ELEMENTS = 1 << 16
+
+
+def _eval(jaxpr, consts, args, changed, source=None, known_args=None):
   """Evaluates ``jaxpr`` on the interpreter's values; ``source``: the
   source of the call being inlined, for equations with no line of the
-  user's (``jnp.where``'s body)."""
-  env = {}
+  user's (``jnp.where``'s body); ``known_args``: the arguments' values
+  where known at conversion time (else None)."""
+  env, known = {}, {}
 
   def read(v):
     return v.val if isinstance(v, jex_core.Literal) else env[v]
 
+  def read_known(v):
+    return v.val if isinstance(v, jex_core.Literal) else known.get(v)
+
   for v, c in zip(jaxpr.constvars, consts):
     env[v] = c
-  for v, a in zip(jaxpr.invars, args):
+    if not isinstance(c, jax.core.Tracer):
+      known[v] = c
+  for v, a, k in zip(jaxpr.invars, args,
+                     known_args or [None] * len(jaxpr.invars)):
     env[v] = a
+    if k is not None:
+      known[v] = k
   for eqn in jaxpr.eqns:
     ins = [read(v) for v in eqn.invars]
+    known_ins = [read_known(v) for v in eqn.invars]
     info = eqn.source_info
     if source is not None and errors.user_source_line(info) is None:
       info = source
     with _jax_internals.traced_as(info):
-      outs = _rewrite(eqn, ins, changed, info)
+      outs = _rewrite(eqn, ins, changed, info, known_ins)
     for v, o in zip(eqn.outvars, outs):
       env[v] = o
+    if all(k is not None for k in known_ins) and all(
+        np.size(k) <= _KNOWN_ELEMENTS for k in known_ins) and all(
+            math.prod(v.aval.shape) <= _KNOWN_ELEMENTS for v in eqn.outvars):
+      with jax.ensure_compile_time_eval():
+        values = eqn.primitive.bind(*known_ins, **eqn.params)
+      known.update(zip(eqn.outvars, values if eqn.primitive.multiple_results
+                       else [values]))
   return [read(v) for v in jaxpr.outvars]
 
 
@@ -225,15 +250,15 @@ def _bind(eqn, ins):
   return list(outs) if eqn.primitive.multiple_results else [outs]
 
 
-def _rewrite(eqn, ins, changed, info):
+def _rewrite(eqn, ins, changed, info, known_ins):
   prim = eqn.primitive
   if prim in _CALLS:
     sub = eqn.params[_CALLS[prim]]
     if isinstance(sub, jex_core.ClosedJaxpr):
-      return _eval(sub.jaxpr, sub.consts, ins, changed, info)
-    return _eval(sub, [], ins, changed, info)
+      return _eval(sub.jaxpr, sub.consts, ins, changed, info, known_ins)
+    return _eval(sub, [], ins, changed, info, known_ins)
   if prim is P.scan_p:
-    outs = _scan(eqn, ins, changed)
+    outs = _scan(eqn, ins, changed, known_ins)
     if outs is not None:
       changed.any = True
       return outs
@@ -655,13 +680,25 @@ _RULES = {
 
 
 # -- scans ---------------------------------------------------------------------
-def _scan(eqn, ins, changed):
+def _scan(eqn, ins, changed, known_ins):
   """A map (no carry), or a scan whose carries accumulate or are sums
   rescaled by a running maximum (:mod:`scanagram.accumulations`), as its
-  body vmapped over the iterations and reduced; else None."""
+  body vmapped over the iterations and reduced; else None. A map's
+  fori_loops that skip future key blocks become scans over all of them
+  (:mod:`scanagram.skipping`)."""
   p = eqn.params
   n_consts, n_carry = p["num_consts"], p["num_carry"]
   body = p["jaxpr"]
+  if n_carry == 0 and skipping.fori_loops(body.jaxpr):
+    operand_blocks = [next((x.shape[i] for o, i in x.pairs if o == 0), None)
+                      if isinstance(x, Split) else None for x in ins]
+    blocks = {b for b in operand_blocks[n_consts:] if b is not None}
+    body = skipping.fori_as_scan(
+        body, n_consts, known_ins, blocks.pop() if len(blocks) == 1
+        else None, p["length"], operand_blocks)
+    if isinstance(body, str):
+      changed.why.append(body)
+      return None
   forms = accumulations.carry_forms(body.jaxpr, n_consts, n_carry)
   consts = list(ins[:n_consts])
   init = ins[n_consts:n_consts + n_carry]

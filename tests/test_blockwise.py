@@ -26,13 +26,14 @@ def window(w):
   return lambda i, j: (i >= j) & (i - j < w)
 
 
-def blockwise_attention(q, k, v, block, mask_fn, form="kernel"):
+def blockwise_attention(q, k, v, block, mask_fn, form="kernel", skip=None):
   """q ``[T, H, D]``, k and v ``[T, KV, D]``; the sequence padded to a
   multiple of ``block``, padded keys masked, padded queries dropped.
   ``form``: "kernel" (running sums of ``exp(q·k / sqrt(d)) * mask``) or
   "online" (the online softmax: a running maximum rescales the sums, -inf
   fill, guards against a row with no key yet, as flash attention writes
-  it)."""
+  it). ``skip(last_query) -> blocks``: visit only that many key blocks
+  (a ``fori_loop`` with that upper bound: causal block skipping)."""
   length, heads, d = q.shape
   kv_heads = k.shape[1]
   group = heads // kv_heads
@@ -71,7 +72,13 @@ def blockwise_attention(q, k, v, block, mask_fn, form="kernel"):
             jnp.zeros((block, kv_heads, group, d)))
     if form == "online":
       init = (jnp.full((block, kv_heads, group), -jnp.inf),) + init
-    carry, _ = lax.scan(key_block, init, (index, k_blocks, v_blocks))
+    if skip is None:
+      carry, _ = lax.scan(key_block, init, (index, k_blocks, v_blocks))
+    else:
+      carry = lax.fori_loop(
+          0, jnp.minimum(skip(q_index[-1]), n),
+          lambda i, c: key_block(c, (index[i], k_blocks[i], v_blocks[i]))[0],
+          init)
     normaliser, values = carry[-2:]
     return values / jnp.where(normaliser > 0, normaliser, 1.0)[..., None]
   out = lax.map(query_block, (index, q_blocks))
@@ -139,7 +146,7 @@ def test_untile_keeps_values():
   from scanagram import untile
   fun = layer(lambda q, k, v: blockwise_attention(q, k, v, 5, window(3)))
   closed = jax.make_jaxpr(fun)(XS)
-  untiled, splits = untile.untile(closed)
+  untiled, splits, _ = untile.untile(closed)
   assert untiled is not None and (3, 5) in splits   # L = 12 padded to 15
   assert not any(e.primitive.name == "scan" for e in untiled.jaxpr.eqns)
   got, = jax.extend.core.jaxpr_as_fun(untiled)(XS)
@@ -218,3 +225,29 @@ def test_prefill_keeps_the_query_blocks(form):
       jax.make_jaxpr(plain.prefill)(XS).jaxpr))
   _, ys = pair.prefill(XS)
   np.testing.assert_allclose(ys, fun(XS), rtol=1e-5, atol=1e-5)
+
+
+def diagonal(block):
+  """The key blocks up to the one holding the block's last query."""
+  return lambda last: last // block + 1
+
+
+@pytest.mark.parametrize("form", ["kernel", "online"])
+@pytest.mark.parametrize("block", [4, 5])
+def test_causal_block_skipping_converts(form, block):
+  """A fori_loop over the key blocks up to the diagonal (the blocks after
+  it hold only future keys) converts to the plain KV-cache step."""
+  fun = layer(lambda q, k, v: blockwise_attention(
+      q, k, v, block, causal, form, skip=diagonal(block)))
+  reference = layer(lambda q, k, v: plain_attention(q, k, v, causal))
+  np.testing.assert_allclose(fun(XS), reference(XS), rtol=1e-5, atol=1e-5)
+  check_scan(fun, XS, prefill_lengths=[0, 1, 7, L])
+
+
+def test_skipping_a_block_of_past_keys_is_refused():
+  """A loop that stops before the diagonal block drops past keys: over
+  whole axes they would count, so the rewrite is refused."""
+  fun = layer(lambda q, k, v: blockwise_attention(
+      q, k, v, 4, causal, "online", skip=lambda last: last // 4))
+  check_refused(fun, XS, "computes in blocks",
+                "query block 0 visits no key block")
