@@ -15,6 +15,7 @@ from scanagram.interpreter import (Block, Conversion, ConvertedJaxpr,
                                    DelayLine, convert_learning,
                                    recording_length_uses, time_block)
 from scanagram.kinds import UNSCANNED, History, Scanned
+from scanagram.rules.attention.learning import ATTENTION
 
 Axes = Union[int, None, Sequence[Union[int, None]]]
 
@@ -166,7 +167,7 @@ class StepFunctions:
     except ScanConversionError as refused:
       # block-wise (tiled) code converts over whole axes, or not at all:
       # then the refusal of the code as written stands
-      untiled, blocks, why = untile.untile(closed)
+      untiled, blocks, why, window_at_most = untile.untile(closed)
       if untiled is None and why:
         raise ScanConversionError(
             f"{refused}\n(the function computes in blocks and was not "
@@ -181,6 +182,8 @@ class StepFunctions:
             f"{whole}\n(the function computes in blocks: this refusal is "
             f"of it rewritten over whole axes; as written: {refused})"
         ) from None
+      if window_at_most is not None:
+        _check_skipped_window(self._converted, window_at_most, refused)
       closed = untiled
       # the query blocks of the training mode: a block that tiles L
       # (padded to at most one block more)
@@ -726,6 +729,22 @@ class StepFunctions:
 
 
 _UNKNOWN = object()
+
+
+def _check_skipped_window(converted, at_most, refused):
+  """Key blocks skipped before a query block's window hold keys at least
+  ``at_most`` back: the rewrite that reads them too holds when every mask
+  proves a window of at most that (those keys weigh exactly 0)."""
+  notes = converted.conversion.notes(ATTENTION)
+  # a window proven in this conversion, or given to it as a ring
+  windows = [notes.facts.rings.get(p, notes.windows.get(p))
+             for p in notes.score_products]
+  if not windows or None in windows or max(windows) > at_most:
+    raise ScanConversionError(
+        f"{refused}\n(the function computes in blocks and skips key blocks "
+        f"{at_most} or more positions back from a query, which its masks do "
+        f"not remove (the windows they prove: {windows}): mask the keys "
+        "outside the window as well, e.g. `q - k < window` in the mask)")
 
 
 def _check_rows_placement(specs):

@@ -211,3 +211,125 @@ def _loop_as_scan(e, ins, indexed, n_blocks, key_block):
   final, _ = lax.scan(iteration, list(carry),
                       (jnp.arange(n_blocks, dtype=jnp.int32), xs))
   return [jnp.asarray(n_blocks, jnp.int32), upper] + list(final)
+
+
+# -- key blocks sliced by a window ---------------------------------------------
+def window_slices(body):
+  """``dynamic_slice`` equations of ``body`` (a Jaxpr) that take a run of
+  whole blocks along axis 0 from a start that is not a constant: a sliding
+  window's key blocks for the query block."""
+  found = []
+  for e in body.eqns:
+    if e.primitive is not P.dynamic_slice_p:
+      continue
+    operand, first, *rest = e.invars
+    sizes = e.params["slice_sizes"]
+    if (isinstance(first, jex_core.Var) and sizes[0] < operand.aval.shape[0]
+        and tuple(sizes[1:]) == tuple(operand.aval.shape[1:])
+        and all(isinstance(v, jex_core.Literal) for v in rest)):
+      found.append(e)
+  return found
+
+
+class Sliced:
+  """A map body whose window slices of key blocks read all of them:
+  ``body`` (the rewritten ClosedJaxpr) and ``past``: the smallest distance
+  from a query to the newest key of a block skipped before its window, or
+  None (nothing skipped before). The conversion must prove a window of at
+  most ``past`` (every key that far back is masked)."""
+
+  def __init__(self, body, past):
+    self.body, self.past = body, past
+
+
+def slices_as_whole(body, n_consts, known, query_block, length,
+                    operand_blocks) -> Union[Sliced, str]:
+  """``body`` (a map's ClosedJaxpr) with its window slices of key blocks
+  (:func:`window_slices`) replaced by all the blocks, the scan reading them
+  run over all of them; or why not."""
+  jaxpr = body.jaxpr
+  slices = window_slices(jaxpr)
+  if query_block is None:
+    return "its queries are not one axis split into blocks"
+  ids = {id(e) for e in slices}
+  outs = {e.outvars[0]: e for e in slices}
+  # every slice is read only as an xs of one scan
+  readers = [e for e in jaxpr.eqns if any(v in outs for v in e.invars
+                                          if isinstance(v, jex_core.Var))]
+  if len(readers) != 1 or readers[0].primitive is not P.scan_p:
+    return "its window slices of key blocks are read other than by one scan"
+  scan = readers[0]
+  first_x = scan.params["num_consts"] + scan.params["num_carry"]
+  if any(v in outs for v in scan.invars[:first_x]) or any(
+      v not in outs for v in scan.invars[first_x:]):
+    return "its scan over key blocks reads other values than the slices"
+  n_blocks = {e.invars[0].aval.shape[0] for e in slices}
+  widths = {e.params["slice_sizes"][0] for e in slices}
+  if len(n_blocks) != 1 or len(widths) != 1:
+    return "its window slices differ in size"
+  n_blocks, width = n_blocks.pop(), widths.pop()
+  key_block = None
+  for e in slices:
+    var = e.invars[0]
+    size = (operand_blocks[jaxpr.invars.index(var)] if var in jaxpr.invars
+            else _block_size(jaxpr, var))
+    key_block = key_block or size
+  if key_block is None:
+    return "its window slices take arrays that are not split into blocks"
+  past = None
+  with jax.ensure_compile_time_eval():
+    for it in range(length):
+      seeds = dict(zip(jaxpr.constvars, body.consts))
+      seeds.update((v, k) for v, k in zip(jaxpr.invars[:n_consts],
+                                          known[:n_consts]) if k is not None)
+      seeds.update((v, k[it]) for v, k in zip(jaxpr.invars[n_consts:],
+                                              known[n_consts:])
+                   if k is not None)
+      env = accumulations.evaluate(jaxpr, seeds, skip=slices + [scan])
+      starts = {_starts(env, e) for e in slices}
+      if None in starts or len(starts) != 1:
+        return ("the start of its window of key blocks is not known at "
+                "conversion time")
+      start = min(max(starts.pop(), 0), n_blocks - width)   # as clamped
+      stop = start + width
+      if stop < n_blocks and stop * key_block < (it + 1) * query_block:
+        return (f"query block {it} reads key blocks {start} to {stop - 1}, "
+                "skipping keys at or before its queries")
+      if start > 0:
+        distance = it * query_block - start * key_block + 1
+        past = distance if past is None else min(past, distance)
+  return Sliced(_whole(body, ids, scan, n_blocks), past)
+
+
+def _starts(env, e):
+  first = e.invars[1]
+  value = first.val if isinstance(first, jex_core.Literal) else env.get(first)
+  return None if value is None else int(np.asarray(value))
+
+
+def _whole(body, slice_ids, scan, n_blocks):
+  """``body`` with the slices reading whole operands and ``scan`` over all
+  ``n_blocks``."""
+  jaxpr = body.jaxpr
+
+  def run(*args):
+    env = dict(zip(jaxpr.constvars, body.consts))
+    env.update(zip(jaxpr.invars, args))
+
+    def read(v):
+      return v.val if isinstance(v, jex_core.Literal) else env[v]
+    for e in jaxpr.eqns:
+      ins = [read(v) for v in e.invars]
+      with _jax_internals.traced_as(e.source_info):
+        if id(e) in slice_ids:
+          outs = [ins[0]]
+        elif e is scan:
+          outs = e.primitive.bind(*ins, **dict(e.params, length=n_blocks))
+        else:
+          outs = e.primitive.bind(*ins, **e.params)
+          outs = outs if e.primitive.multiple_results else [outs]
+      env.update(zip(e.outvars, outs))
+    return [read(v) for v in jaxpr.outvars]
+  return jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(v.aval.shape,
+                                                    v.aval.dtype)
+                               for v in jaxpr.invars])

@@ -25,7 +25,7 @@ future keys contributing exactly nothing) as it does any attention.
 """
 import dataclasses
 import math
-from typing import Any, Tuple
+from typing import Any, NamedTuple, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -90,13 +90,32 @@ class _Changed:
     self.any = False
     self.splits = set()
     self.why = []   # why a block-wise part was not rewritten
+    # key blocks skipped before a window: the masks must prove a window of
+    # at most each of these
+    self.windows = []
 
 
-def untile(closed):
-  """``(rewritten, splits, why)``: ``closed`` (a ClosedJaxpr) rewritten
-  over whole axes, or None when it has nothing block-wise to rewrite; the
-  ``(blocks, size)`` of each axis it found split into blocks; why parts
-  were left as written."""
+class Untiled(NamedTuple):
+  """What :func:`untile` gives.
+
+  Attributes:
+    closed: the ClosedJaxpr rewritten over whole axes, or None when nothing
+      block-wise was rewritten.
+    splits: the ``(blocks, size)`` of each axis found split into blocks.
+    why: why block-wise parts were left as written.
+    window_at_most: key blocks were skipped before a window: the masks
+      must prove a window of at most this (every key this far back from a
+      query masked), or the rewrite does not hold; None when none was.
+  """
+  closed: Any
+  splits: Tuple
+  why: Tuple
+  window_at_most: Any
+
+
+def untile(closed) -> Untiled:
+  """``closed`` (a ClosedJaxpr) rewritten over whole axes (see
+  :class:`Untiled`)."""
   changed = _Changed()
   avals = [v.aval for v in closed.jaxpr.invars]
 
@@ -105,10 +124,12 @@ def untile(closed):
     return [plain(o) for o in outs]
   new = jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(a.shape, a.dtype)
                               for a in avals])
+  window = min(changed.windows, default=None)
   if not changed.any:
-    return None, (), tuple(changed.why)
-  return (new.replace(jaxpr=_jax_internals.without_dead_code(new.jaxpr)),
-          tuple(sorted(changed.splits)), tuple(changed.why))
+    return Untiled(None, (), tuple(changed.why), None)
+  return Untiled(
+      new.replace(jaxpr=_jax_internals.without_dead_code(new.jaxpr)),
+      tuple(sorted(changed.splits)), tuple(changed.why), window)
 
 
 # -- values --------------------------------------------------------------------
@@ -699,6 +720,19 @@ def _scan(eqn, ins, changed, known_ins):
     if isinstance(body, str):
       changed.why.append(body)
       return None
+  if n_carry == 0 and skipping.window_slices(body.jaxpr):
+    operand_blocks = [next((x.shape[i] for o, i in x.pairs if o == 0), None)
+                      if isinstance(x, Split) else None for x in ins]
+    blocks = {b for b in operand_blocks[n_consts:] if b is not None}
+    sliced = skipping.slices_as_whole(
+        body, n_consts, known_ins, blocks.pop() if len(blocks) == 1
+        else None, p["length"], operand_blocks)
+    if isinstance(sliced, str):
+      changed.why.append(sliced)
+      return None
+    body = sliced.body
+    if sliced.past is not None:
+      changed.windows.append(sliced.past)
   forms = accumulations.carry_forms(body.jaxpr, n_consts, n_carry)
   consts = list(ins[:n_consts])
   init = ins[n_consts:n_consts + n_carry]

@@ -26,14 +26,18 @@ def window(w):
   return lambda i, j: (i >= j) & (i - j < w)
 
 
-def blockwise_attention(q, k, v, block, mask_fn, form="kernel", skip=None):
+def blockwise_attention(q, k, v, block, mask_fn, form="kernel", skip=None,
+                        window_blocks=None):
   """q ``[T, H, D]``, k and v ``[T, KV, D]``; the sequence padded to a
   multiple of ``block``, padded keys masked, padded queries dropped.
   ``form``: "kernel" (running sums of ``exp(q·k / sqrt(d)) * mask``) or
   "online" (the online softmax: a running maximum rescales the sums, -inf
   fill, guards against a row with no key yet, as flash attention writes
   it). ``skip(last_query) -> blocks``: visit only that many key blocks
-  (a ``fori_loop`` with that upper bound: causal block skipping)."""
+  (a ``fori_loop`` with that upper bound: causal block skipping).
+  ``window_blocks``: ``(left, n)``: visit the n key blocks from the one
+  holding the block's first query minus ``left`` (a ``dynamic_slice`` of
+  the key blocks: sliding-window block skipping)."""
   length, heads, d = q.shape
   kv_heads = k.shape[1]
   group = heads // kv_heads
@@ -72,7 +76,13 @@ def blockwise_attention(q, k, v, block, mask_fn, form="kernel", skip=None):
             jnp.zeros((block, kv_heads, group, d)))
     if form == "online":
       init = (jnp.full((block, kv_heads, group), -jnp.inf),) + init
-    if skip is None:
+    if window_blocks is not None:
+      left, count = window_blocks
+      start = jnp.maximum(0, (q_index[0] - left) // block)
+      sliced = [lax.dynamic_slice_in_dim(a, start, count, axis=0)
+                for a in (index, k_blocks, v_blocks)]
+      carry, _ = lax.scan(key_block, init, tuple(sliced))
+    elif skip is None:
       carry, _ = lax.scan(key_block, init, (index, k_blocks, v_blocks))
     else:
       carry = lax.fori_loop(
@@ -146,7 +156,7 @@ def test_untile_keeps_values():
   from scanagram import untile
   fun = layer(lambda q, k, v: blockwise_attention(q, k, v, 5, window(3)))
   closed = jax.make_jaxpr(fun)(XS)
-  untiled, splits, _ = untile.untile(closed)
+  untiled, splits, _, _ = untile.untile(closed)
   assert untiled is not None and (3, 5) in splits   # L = 12 padded to 15
   assert not any(e.primitive.name == "scan" for e in untiled.jaxpr.eqns)
   got, = jax.extend.core.jaxpr_as_fun(untiled)(XS)
@@ -251,3 +261,28 @@ def test_skipping_a_block_of_past_keys_is_refused():
       q, k, v, 4, causal, "online", skip=lambda last: last // 4))
   check_refused(fun, XS, "computes in blocks",
                 "query block 0 visits no key block")
+
+
+@pytest.mark.parametrize("form", ["kernel", "online"])
+def test_window_block_skipping_converts(form):
+  """Key blocks sliced around each query block's window (a dynamic_slice
+  from the block's first query) convert when the mask proves the window:
+  the blocks skipped before it hold only keys it masks. The carry is a
+  ring of the window."""
+  fun = layer(lambda q, k, v: blockwise_attention(
+      q, k, v, 4, window(3), form, window_blocks=(3, 2)))
+  reference = layer(lambda q, k, v: plain_attention(q, k, v, window(3)))
+  np.testing.assert_allclose(fun(XS), reference(XS), rtol=1e-5, atol=1e-5)
+  check_scan(fun, XS, prefill_lengths=[0, 1, 7, L])
+  shapes = sorted(leaf.shape for leaf in jax.tree.leaves(
+      scanagram.to_step(fun, XS).carry_spec()))
+  assert shapes == [(), (KV, 3, D), (KV, 3, D)], shapes
+
+
+def test_window_skipping_past_keys_the_mask_keeps_is_refused():
+  """Slicing key blocks around a window while the mask is only causal
+  drops past keys the mask keeps: refused, saying so."""
+  fun = layer(lambda q, k, v: blockwise_attention(
+      q, k, v, 4, causal, "online", window_blocks=(3, 2)))
+  check_refused(fun, XS, "computes in blocks", "skips key blocks",
+                "which its masks do not remove")

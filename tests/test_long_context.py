@@ -84,7 +84,7 @@ def old_select(shape, h, mask, cases):
   full = np.broadcast_shapes(mask.shape, region.shape)
   choice = np.broadcast_to(mask, full).astype(np.int64)
   in_region = np.broadcast_to(region, full)
-  picked, fill_like = [], np.zeros(full, bool)
+  picked, fill_like, fill_values = [], np.zeros(full, bool), []
   for case, (kind, value) in enumerate(cases):
     where = in_region & (choice == case)
     if not where.any():
@@ -108,9 +108,13 @@ def old_select(shape, h, mask, cases):
       if f.value is not None:
         same = value == f.value if not f.below else value <= NEG_THRESHOLD
         fill_like |= (choice == case) & same
+        fill_values.append(f.value)
     picked.append(f)
   future = picked_future(picked)
-  if future == NEG:
+  # a row all -inf is the same in both modes: only a finite fill is refused
+  minus_inf = len(fill_values) == len(picked) and all(
+      v == -np.inf for v in fill_values)
+  if future == NEG and not minus_inf:
     _old_refuse_empty_rows(h, fill_like, full)
   window = None
   if h.window is None and (future == NEG or future.value is not None):

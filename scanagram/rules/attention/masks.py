@@ -64,6 +64,32 @@ def additive_mask(e, h, futures, region):
   return None
 
 
+def multiplicative_window(e, h, futures):
+  """``weights * mask`` with a constant mask that is 0 at every future key
+  (kernel attention, ``exp(q·k) * mask``): records the window the mask
+  proves (its zeros at the keys j <= i - w), as a select's does."""
+  if e.primitive.name != "mul" or h.window is not None:
+    return
+  for scores, mask in ((0, 1), (1, 0)):
+    if e.in_kinds[mask] is UNSCANNED and futures[mask].zero and isinstance(
+        e.in_kinds[scores], History):
+      value = e.known(mask)
+      if value is None or isinstance(value, symbolic.Unavailable):
+        return
+      shape = e.out_avals[0].shape
+      values = symbolic.lift(value, shape, e.in_avals[mask].dtype)
+      key = ("multiplicative", values.key, shape, h.axis, h.key_axis)
+      proofs = e.conversion.notes(ATTENTION).mask_proofs
+      if key not in proofs:
+        try:
+          proofs[key] = _fill_check(shape, h, [values],
+                                    lambda idx: values.at(idx) == 0)
+        except symbolic.TooLarge:
+          return
+      _record_window(e, h, proofs[key][1])
+      return
+
+
 def _record_window(e, h, window):
   if window is not None:
     e.conversion.notes(ATTENTION).record_window(h.origin, window)

@@ -157,6 +157,8 @@ def elementwise_rule(e):
     future = masks.additive_mask(e, h, futures, region)
   if future is None:
     future = transfer(e.primitive.name, futures, on_scalars(e))
+    if future.zero:
+      masks.multiplicative_window(e, h, futures)
   return history_pointwise(e, h, future)
 
 
@@ -214,9 +216,16 @@ def structural_rule(e):
 
   def resize(params, n):
     return dict(params, **{key: with_size(params[key], axis, n)})
+
+  def run(ctx, ins, params):
+    # the keys are as many as the block reads (a ring's w + k, not L)
+    if key:
+      params = dict(params, **{key: with_size(
+          params[key], key_axis, ins[0].shape[h.key_axis])})
+    return bind(e.eqn, ins, params)
   out = h.replace(axis=axis, key_axis=key_axis)
   return pointwise(e, [h.axis] + [None] * (len(e.in_avals) - 1), [axis],
-                   resize if key else None, out_kinds=[out])
+                   resize if key else None, run=run, out_kinds=[out])
 
 
 @register(P.reduce_sum_p, P.reduce_max_p, P.reduce_min_p, P.reduce_prod_p,
