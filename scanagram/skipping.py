@@ -224,7 +224,7 @@ def window_slices(body):
       continue
     operand, first, *rest = e.invars
     sizes = e.params["slice_sizes"]
-    if (isinstance(first, jex_core.Var) and sizes[0] < operand.aval.shape[0]
+    if (isinstance(first, jex_core.Var) and sizes[0] <= operand.aval.shape[0]
         and tuple(sizes[1:]) == tuple(operand.aval.shape[1:])
         and all(isinstance(v, jex_core.Literal) for v in rest)):
       found.append(e)

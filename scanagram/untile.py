@@ -692,7 +692,17 @@ def _extra(eqn):
           for k, v in eqn.params.items() if k != "axes"}
 
 
+def _whole_slice(eqn, ins):
+  """A dynamic slice as large as its operand is the operand (its starts
+  are clamped to 0)."""
+  x = ins[0]
+  if tuple(eqn.params["slice_sizes"]) == tuple(eqn.invars[0].aval.shape):
+    return [x]
+  return None
+
+
 _RULES = {
+    P.dynamic_slice_p: _whole_slice,
     P.transpose_p: _transpose, P.squeeze_p: _squeeze,
     P.broadcast_in_dim_p: _broadcast,
     P.dot_general_p: _dot_general,
