@@ -128,14 +128,7 @@ def fori_as_scan(body, n_consts, known, query_block, length,
   # the loops' bounds for every query block, from the known values
   with jax.ensure_compile_time_eval():
     for it in range(length):
-      seeds = dict(zip(body.jaxpr.constvars, body.consts))
-      seeds.update((v, k) for v, k in zip(body.jaxpr.invars[:n_consts],
-                                          known[:n_consts]) if k is not None)
-      seeds.update((v, k[it]) for v, k in zip(body.jaxpr.invars[n_consts:],
-                                              known[n_consts:])
-                   if k is not None)
-      env = accumulations.evaluate(body.jaxpr, seeds,
-                                   skip=[e for e in loops])
+      env = _iteration_values(body, n_consts, known, it, loops)
       for e in loops:
         nb = e.params["body_nconsts"]
         bounds = [e.invars[nb + d] for d in (0, 1)]
@@ -163,8 +156,15 @@ def _value(env, v):
 
 def _rewritten(body, loops, plans):
   """``body`` with each loop in ``loops`` a scan over all key blocks."""
-  jaxpr = body.jaxpr
   loop_ids = {id(e) for e in loops}
+  return _retraced(body, lambda e, ins: _loop_as_scan(e, ins, *plans[id(e)])
+                   if id(e) in loop_ids else None)
+
+
+def _retraced(body, replace):
+  """``body`` traced again, ``replace(eqn, operands)`` giving an
+  equation's outputs instead (None: the equation as it is)."""
+  jaxpr = body.jaxpr
 
   def run(*args):
     env = dict(zip(jaxpr.constvars, body.consts))
@@ -175,9 +175,8 @@ def _rewritten(body, loops, plans):
     for e in jaxpr.eqns:
       ins = [read(v) for v in e.invars]
       with _jax_internals.traced_as(e.source_info):
-        if id(e) in loop_ids:
-          outs = _loop_as_scan(e, ins, *plans[id(e)])
-        else:
+        outs = replace(e, ins)
+        if outs is None:
           outs = e.primitive.bind(*ins, **e.params)
           outs = outs if e.primitive.multiple_results else [outs]
       env.update(zip(e.outvars, outs))
@@ -185,6 +184,18 @@ def _rewritten(body, loops, plans):
   return jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(v.aval.shape,
                                                     v.aval.dtype)
                                for v in jaxpr.invars])
+
+
+def _iteration_values(body, n_consts, known, it, skip):
+  """What iteration ``it`` of a map computes from the operands' known
+  values (the xs at ``it``), ``skip`` left out."""
+  jaxpr = body.jaxpr
+  seeds = dict(zip(jaxpr.constvars, body.consts))
+  seeds.update((v, k) for v, k in zip(jaxpr.invars[:n_consts],
+                                      known[:n_consts]) if k is not None)
+  seeds.update((v, k[it]) for v, k in zip(jaxpr.invars[n_consts:],
+                                          known[n_consts:]) if k is not None)
+  return accumulations.evaluate(jaxpr, seeds, skip=skip)
 
 
 def _loop_as_scan(e, ins, indexed, n_blocks, key_block):
@@ -249,6 +260,8 @@ def slices_as_whole(body, n_consts, known, query_block, length,
   run over all of them; or why not."""
   jaxpr = body.jaxpr
   slices = window_slices(jaxpr)
+  if not slices:
+    return Sliced(body, None)
   if query_block is None:
     return "its queries are not one axis split into blocks"
   ids = {id(e) for e in slices}
@@ -279,13 +292,7 @@ def slices_as_whole(body, n_consts, known, query_block, length,
   past = None
   with jax.ensure_compile_time_eval():
     for it in range(length):
-      seeds = dict(zip(jaxpr.constvars, body.consts))
-      seeds.update((v, k) for v, k in zip(jaxpr.invars[:n_consts],
-                                          known[:n_consts]) if k is not None)
-      seeds.update((v, k[it]) for v, k in zip(jaxpr.invars[n_consts:],
-                                              known[n_consts:])
-                   if k is not None)
-      env = accumulations.evaluate(jaxpr, seeds, skip=slices + [scan])
+      env = _iteration_values(body, n_consts, known, it, slices + [scan])
       starts = {_starts(env, e) for e in slices}
       if None in starts or len(starts) != 1:
         return ("the start of its window of key blocks is not known at "
@@ -310,26 +317,10 @@ def _starts(env, e):
 def _whole(body, slice_ids, scan, n_blocks):
   """``body`` with the slices reading whole operands and ``scan`` over all
   ``n_blocks``."""
-  jaxpr = body.jaxpr
-
-  def run(*args):
-    env = dict(zip(jaxpr.constvars, body.consts))
-    env.update(zip(jaxpr.invars, args))
-
-    def read(v):
-      return v.val if isinstance(v, jex_core.Literal) else env[v]
-    for e in jaxpr.eqns:
-      ins = [read(v) for v in e.invars]
-      with _jax_internals.traced_as(e.source_info):
-        if id(e) in slice_ids:
-          outs = [ins[0]]
-        elif e is scan:
-          outs = e.primitive.bind(*ins, **dict(e.params, length=n_blocks))
-        else:
-          outs = e.primitive.bind(*ins, **e.params)
-          outs = outs if e.primitive.multiple_results else [outs]
-      env.update(zip(e.outvars, outs))
-    return [read(v) for v in jaxpr.outvars]
-  return jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(v.aval.shape,
-                                                    v.aval.dtype)
-                               for v in jaxpr.invars])
+  def replace(e, ins):
+    if id(e) in slice_ids:
+      return [ins[0]]
+    if e is scan:
+      return e.primitive.bind(*ins, **dict(e.params, length=n_blocks))
+    return None
+  return _retraced(body, replace)

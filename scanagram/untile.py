@@ -115,21 +115,53 @@ class Untiled(NamedTuple):
 
 def untile(closed) -> Untiled:
   """``closed`` (a ClosedJaxpr) rewritten over whole axes (see
-  :class:`Untiled`)."""
+  :class:`Untiled`). Only a jaxpr that splits an axis in two and loops
+  (:func:`_block_wise`) is looked at; one that cannot be traced again (a
+  primitive that does not bind from its parameters) is left as written."""
   changed = _Changed()
+  if not _block_wise(closed.jaxpr):
+    return Untiled(None, (), (), None)
   avals = [v.aval for v in closed.jaxpr.invars]
 
   def run(*args):
     outs = _eval(closed.jaxpr, closed.consts, args, changed)
     return [plain(o) for o in outs]
-  new = jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(a.shape, a.dtype)
-                              for a in avals])
+  try:
+    new = jax.make_jaxpr(run)(*[jax.ShapeDtypeStruct(a.shape, a.dtype)
+                                for a in avals])
+  except Exception:   # noqa: BLE001  (left as written: its refusal stands)
+    return Untiled(None, (), (), None)
   window = min(changed.windows, default=None)
   if not changed.any:
     return Untiled(None, (), tuple(changed.why), None)
   return Untiled(
       new.replace(jaxpr=_jax_internals.without_dead_code(new.jaxpr)),
       tuple(sorted(changed.splits)), tuple(changed.why), window)
+
+
+def _block_wise(jaxpr) -> bool:
+  """Whether ``jaxpr`` (or a jaxpr inside it) splits an axis into two and
+  holds a loop: what block-wise code looks like."""
+  splits = loops = False
+  for e, _ in _equations(jaxpr):
+    if e.primitive is P.reshape_p and len(e.params["new_sizes"]) > len(
+        e.invars[0].aval.shape):
+      splits = True
+    if e.primitive in (P.scan_p, P.while_p):
+      loops = True
+    if splits and loops:
+      return True
+  return False
+
+
+def _equations(jaxpr):
+  for e in jaxpr.eqns:
+    yield e, jaxpr
+    for param in e.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if isinstance(inner, jex_core.Jaxpr):
+          yield from _equations(inner)
 
 
 # -- values --------------------------------------------------------------------
@@ -256,7 +288,7 @@ def _eval(jaxpr, consts, args, changed, source=None, known_args=None):
       outs = _rewrite(eqn, ins, changed, info, known_ins)
     for v, o in zip(eqn.outvars, outs):
       env[v] = o
-    if all(k is not None for k in known_ins) and all(
+    if not _has_jaxpr(eqn) and all(k is not None for k in known_ins) and all(
         np.size(k) <= _KNOWN_ELEMENTS for k in known_ins) and all(
             math.prod(v.aval.shape) <= _KNOWN_ELEMENTS for v in eqn.outvars):
       with jax.ensure_compile_time_eval():
@@ -264,6 +296,15 @@ def _eval(jaxpr, consts, args, changed, source=None, known_args=None):
       known.update(zip(eqn.outvars, values if eqn.primitive.multiple_results
                        else [values]))
   return [read(v) for v in jaxpr.outvars]
+
+
+def _has_jaxpr(eqn) -> bool:
+  """Whether ``eqn`` holds a jaxpr (a call, a loop): its known values come
+  from its body, not from running it."""
+  return any(isinstance(getattr(p, "jaxpr", p), jex_core.Jaxpr)
+             for param in eqn.params.values()
+             for p in (param if isinstance(param, (list, tuple))
+                       else [param]))
 
 
 def _bind(eqn, ins):
@@ -720,23 +761,21 @@ def _scan(eqn, ins, changed, known_ins):
   p = eqn.params
   n_consts, n_carry = p["num_consts"], p["num_carry"]
   body = p["jaxpr"]
-  if n_carry == 0 and skipping.fori_loops(body.jaxpr):
+  if n_carry == 0 and (skipping.fori_loops(body.jaxpr) or
+                       skipping.window_slices(body.jaxpr)):
+    # each operand's block size along axis 0; the queries' (the xs')
     operand_blocks = [next((x.shape[i] for o, i in x.pairs if o == 0), None)
                       if isinstance(x, Split) else None for x in ins]
     blocks = {b for b in operand_blocks[n_consts:] if b is not None}
-    body = skipping.fori_as_scan(
-        body, n_consts, known_ins, blocks.pop() if len(blocks) == 1
-        else None, p["length"], operand_blocks)
+    query_block = blocks.pop() if len(blocks) == 1 else None
+    body = skipping.fori_as_scan(body, n_consts, known_ins, query_block,
+                                 p["length"], operand_blocks)
     if isinstance(body, str):
       changed.why.append(body)
       return None
-  if n_carry == 0 and skipping.window_slices(body.jaxpr):
-    operand_blocks = [next((x.shape[i] for o, i in x.pairs if o == 0), None)
-                      if isinstance(x, Split) else None for x in ins]
-    blocks = {b for b in operand_blocks[n_consts:] if b is not None}
-    sliced = skipping.slices_as_whole(
-        body, n_consts, known_ins, blocks.pop() if len(blocks) == 1
-        else None, p["length"], operand_blocks)
+    sliced = skipping.slices_as_whole(body, n_consts, known_ins,
+                                      query_block, p["length"],
+                                      operand_blocks)
     if isinstance(sliced, str):
       changed.why.append(sliced)
       return None
