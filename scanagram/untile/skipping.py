@@ -20,7 +20,8 @@ from jax import lax
 from jax.extend import core as jex_core
 from jax.extend.core import primitives as P
 
-from scanagram import accumulations, _jax_internals
+from scanagram import _jax_internals
+from scanagram.untile import accumulations
 
 _INDEX_ARITHMETIC = {P.convert_element_type_p, P.lt_p, P.add_p, P.select_n_p}
 
