@@ -1,7 +1,6 @@
 """The rules of :mod:`scanagram.untile` for one equation on split values:
 each returns the outputs, or None for the equation as written (on the
 split layout restored by a reshape)."""
-import dataclasses
 import math
 
 import jax.numpy as jnp
@@ -169,10 +168,8 @@ def _squeeze(eqn, ins):
   return reshape(ins[0], tuple(eqn.outvars[0].aval.shape))
 
 
-@dataclasses.dataclass
 class _Params:
   """What a rule reads of an equation, for a rule called on a part."""
-  params: dict
 
   def __init__(self, **params):
     self.params = params
@@ -402,17 +399,7 @@ def _extra(eqn):
           for k, v in eqn.params.items() if k != "axes"}
 
 
-def _whole_slice(eqn, ins):
-  """A dynamic slice as large as its operand is the operand (its starts
-  are clamped to 0)."""
-  x = ins[0]
-  if tuple(eqn.params["slice_sizes"]) == tuple(eqn.invars[0].aval.shape):
-    return [x]
-  return None
-
-
 RULES = {
-    P.dynamic_slice_p: _whole_slice,
     P.transpose_p: _transpose, P.squeeze_p: _squeeze,
     P.broadcast_in_dim_p: _broadcast,
     P.dot_general_p: _dot_general,
